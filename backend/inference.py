@@ -1,0 +1,102 @@
+"""The backend's one core: predict, classify and regress on a loaded version, independent of REST or gRPC.
+
+The adapters (`rest.py`, later `grpc_service.py`) turn their wire formats into NumPy arrays or serialized
+tf.Examples and call these; validation that both protocols need (input names, shapes, signature kinds, output
+aliases) lives here so the two cannot drift apart. Functions here block: callers run them off the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from backend.errors import InvalidArgument
+from backend.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable, Signature, TensorSpec
+
+CLASSIFY_INPUTS, CLASSIFY_CLASSES, CLASSIFY_SCORES = "inputs", "classes", "scores"
+REGRESS_INPUTS, REGRESS_OUTPUTS = "inputs", "outputs"
+
+Classification = list[tuple[bytes, float]]
+
+
+def predict(servable: Servable, signature_key: str, inputs: Mapping[str, np.ndarray],
+            output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    signature = servable.signature(signature_key)
+    check_input_names(inputs.keys(), signature.inputs.keys())
+    for name, value in inputs.items():
+        check_shape(name, value, signature.inputs[name])
+    unknown = [alias for alias in output_filter if alias not in signature.outputs]
+    if unknown:
+        raise InvalidArgument(f"output tensor alias not found in signature: {unknown[0]} Outputs expected to be in "
+                              f"the set {{{','.join(sorted(signature.outputs))}}}.")
+    return signature.run(inputs, list(output_filter) or list(signature.outputs))
+
+
+def classify(servable: Servable, signature_key: str, examples: list[bytes]) -> list[Classification]:
+    """Per example, its (label, score) pairs; a missing `classes` output gives empty labels, missing `scores` 0."""
+    signature = _example_signature(servable, signature_key, CLASSIFY_METHOD, "classification", CLASSIFY_INPUTS)
+    wanted = [key for key in (CLASSIFY_CLASSES, CLASSIFY_SCORES) if key in signature.outputs]
+    if not wanted:
+        raise InvalidArgument("Expected classification signature outputs to contain at least one of classes or "
+                              "scores")
+    outputs = _run_examples(signature, examples, wanted)
+    classes, scores = outputs.get(CLASSIFY_CLASSES), outputs.get(CLASSIFY_SCORES)
+    for key, array in outputs.items():
+        if array.ndim != 2 or array.shape[0] != len(examples):
+            raise InvalidArgument(f"Expected {key} Tensor of shape [batch_size, num_classes] with batch_size "
+                                  f"{len(examples)}; got {list(array.shape)}")
+    if classes is not None and scores is not None and classes.shape != scores.shape:
+        raise InvalidArgument(f"classes and scores differ in shape: {list(classes.shape)} vs {list(scores.shape)}")
+    width = (classes if classes is not None else scores).shape[1]  # type: ignore[union-attr]
+    return [
+        [(classes[row, k] if classes is not None else b"", float(scores[row, k]) if scores is not None else 0.0)
+         for k in range(width)]
+        for row in range(len(examples))
+    ]
+
+
+def regress(servable: Servable, signature_key: str, examples: list[bytes]) -> list[float]:
+    signature = _example_signature(servable, signature_key, REGRESS_METHOD, "regression", REGRESS_INPUTS)
+    if REGRESS_OUTPUTS not in signature.outputs:
+        raise InvalidArgument("No regression outputs found in SignatureDef")
+    values = _run_examples(signature, examples, [REGRESS_OUTPUTS])[REGRESS_OUTPUTS]
+    if values.shape not in ((len(examples),), (len(examples), 1)):
+        raise InvalidArgument("Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
+                              f"{list(values.shape)}")
+    return values.reshape(-1).astype(float).tolist()
+
+
+def _example_signature(servable: Servable, key: str, method: str, kind: str, input_key: str) -> Signature:
+    signature = servable.signature(key)
+    if signature.method_name != method:
+        raise InvalidArgument(f"Expected {kind} signature method_name to be {method}. Was: {signature.method_name}")
+    if len(signature.inputs) != 1:
+        raise InvalidArgument("Expected one input Tensor.")
+    if input_key not in signature.inputs:
+        raise InvalidArgument(f"No {kind} inputs found in SignatureDef")
+    return signature
+
+
+def _run_examples(signature: Signature, examples: list[bytes], output_keys: list[str]) -> dict[str, np.ndarray]:
+    batch = np.empty(len(examples), dtype=object)
+    batch[:] = examples
+    return signature.run({next(iter(signature.inputs)): batch}, output_keys)
+
+
+def check_input_names(sent: Iterable[str], expected: Iterable[str]) -> None:
+    sent_set, expected_set = set(sent), set(expected)
+    if sent_set != expected_set:
+        raise InvalidArgument(
+            f"input size does not match signature: {len(sent_set)}!={len(expected_set)} len({sorted(sent_set)}) != "
+            f"len({sorted(expected_set)}). Sent extra: {sorted(sent_set - expected_set)}. "
+            f"Missing but required: {sorted(expected_set - sent_set)}.")
+
+
+def check_shape(name: str, value: np.ndarray, spec: TensorSpec) -> None:
+    expected = spec.shape
+    if expected is None:
+        return
+    if value.ndim != len(expected) or any(want not in (-1, got) for want, got in zip(expected, value.shape)):
+        raise InvalidArgument(f"input '{name}' has shape [{','.join(map(str, value.shape))}] but the signature "
+                              f"expects {spec.describe()}")

@@ -1,0 +1,203 @@
+"""One loaded version of a SavedModel: its signatures, and a thread-safe way to run them.
+
+How it works: `saved_model.pb` is read first. A native TF2 SavedModel (one with an object graph) is loaded with
+`tf.saved_model.load` and each signature runs as its concrete function. A TF1-era SavedModel (built with
+`SavedModelBuilder`: tf.Example-parsing classify/regress signatures, TensorInfos without shapes, several signatures
+sharing one graph) is loaded with the v1 loader into its own `Session`, and a signature runs as one `Session.run`
+with the signature's tensor names, which is exactly what TF Serving does in C++. Both runners are safe to call from
+several threads at once. Metadata always comes from the SignatureDefs as written, so it matches TF Serving's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
+from backend import errors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+
+Runner = Callable[[Mapping[str, np.ndarray], Sequence[str]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """What a signature says about one of its tensors: dtype and (possibly unknown) shape, -1 for unknown dims."""
+
+    dtype: tf.DType
+    shape: tuple[int, ...] | None
+
+    @classmethod
+    def from_proto(cls, info: meta_graph_pb2.TensorInfo) -> TensorSpec:
+        shape = info.tensor_shape
+        dims = None if shape.unknown_rank else tuple(int(dim.size) for dim in shape.dim)
+        return cls(dtype=tf.dtypes.as_dtype(info.dtype), shape=dims)
+
+    def describe(self) -> str:
+        shape = "unknown" if self.shape is None else "[" + ",".join(map(str, self.shape)) + "]"
+        return f"{self.dtype.name} {shape}"
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    key: str
+    method_name: str
+    inputs: Mapping[str, TensorSpec]
+    outputs: Mapping[str, TensorSpec]
+    run: Runner
+
+
+@dataclass(frozen=True, slots=True)
+class Servable:
+    """A loaded model version. Immutable: unloading drops the reference, in-flight requests keep theirs."""
+
+    name: str
+    version: int
+    signature_defs: Mapping[str, meta_graph_pb2.SignatureDef]
+    signatures: Mapping[str, Signature]
+
+    def signature(self, key: str) -> Signature:
+        found = self.signatures.get(key or DEFAULT_SIGNATURE)
+        if found is None:
+            raise errors.InvalidArgument(f'Serving signature name: "{key or DEFAULT_SIGNATURE}" not found in '
+                                         "signature def")
+        return found
+
+
+def load_servable(name: str, version: int, path: Path, tags: Sequence[str],
+                  session_config: tf.compat.v1.ConfigProto | None = None) -> Servable:
+    """Load one version directory; raise ServingError (NOT_FOUND / INVALID_ARGUMENT / INTERNAL) on failure."""
+    meta_graph = _find_meta_graph(path, tags)
+    if meta_graph.object_graph_def.nodes:
+        runners = _load_tf2(path, tags, meta_graph)
+    else:
+        runners = _load_tf1(path, tags, meta_graph, session_config)
+    signatures = {
+        key: Signature(
+            key=key,
+            method_name=definition.method_name,
+            inputs=MappingProxyType({k: TensorSpec.from_proto(v) for k, v in definition.inputs.items()}),
+            outputs=MappingProxyType({k: TensorSpec.from_proto(v) for k, v in definition.outputs.items()}),
+            run=runners[key],
+        )
+        for key, definition in meta_graph.signature_def.items()
+        if key in runners
+    }
+    return Servable(name=name, version=version,
+                    signature_defs=MappingProxyType(dict(meta_graph.signature_def)),
+                    signatures=MappingProxyType(signatures))
+
+
+def _find_meta_graph(path: Path, tags: Sequence[str]) -> meta_graph_pb2.MetaGraphDef:
+    pb_path = path / "saved_model.pb"
+    try:
+        data = pb_path.read_bytes()
+    except OSError as error:
+        raise errors.NotFound(f"Could not find SavedModel .pb in {path}: {error.strerror}") from None
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        saved_model.ParseFromString(data)
+    except Exception as error:  # protobuf raises its own DecodeError; any failure means a corrupt file
+        raise errors.InvalidArgument(f"Could not parse {pb_path}: {error}") from None
+    wanted = set(tags)
+    for meta_graph in saved_model.meta_graphs:
+        if set(meta_graph.meta_info_def.tags) == wanted:
+            return meta_graph
+    found = [sorted(m.meta_info_def.tags) for m in saved_model.meta_graphs]
+    raise errors.NotFound(f"MetaGraphDef associated with tags {sorted(wanted)} could not be found in SavedModel "
+                          f"{path}; available tag sets: {found}")
+
+
+def _load_tf2(path: Path, tags: Sequence[str], meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, Runner]:
+    try:
+        loaded = tf.saved_model.load(str(path), tags=list(tags))
+    except Exception as error:  # TF raises many types while loading; all mean "this version cannot load"
+        raise errors.Internal(f"Failed to load SavedModel {path}: {error}") from error
+    runners: dict[str, Runner] = {}
+    for key in meta_graph.signature_def:
+        if key in loaded.signatures:
+            runners[key] = _tf2_runner(loaded, loaded.signatures[key])
+    return runners
+
+
+def _tf2_runner(owner: Any, function: Any) -> Runner:
+    def run(inputs: Mapping[str, np.ndarray], output_keys: Sequence[str]) -> dict[str, np.ndarray]:
+        _ = owner  # keeps the loaded object (and so the function's variables) alive as long as the runner
+        with _tf_errors_as_serving_errors():
+            outputs = function(**{key: tf.constant(value) for key, value in inputs.items()})
+            return {key: outputs[key].numpy() for key in output_keys}
+    return run
+
+
+def _load_tf1(path: Path, tags: Sequence[str], meta_graph: meta_graph_pb2.MetaGraphDef,
+              session_config: tf.compat.v1.ConfigProto | None) -> dict[str, Runner]:
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph, config=session_config)
+    try:
+        with graph.as_default():
+            tf.compat.v1.saved_model.loader.load(session, list(tags), str(path))
+    except Exception as error:  # as above: any loader failure fails this version only
+        session.close()
+        raise errors.Internal(f"Failed to load SavedModel {path}: {error}") from error
+    return {key: _tf1_runner(session, definition) for key, definition in meta_graph.signature_def.items()}
+
+
+def _tf1_runner(session: tf.compat.v1.Session, definition: meta_graph_pb2.SignatureDef) -> Runner:
+    input_names = {key: info.name for key, info in definition.inputs.items()}
+    output_names = {key: info.name for key, info in definition.outputs.items()}
+
+    def run(inputs: Mapping[str, np.ndarray], output_keys: Sequence[str]) -> dict[str, np.ndarray]:
+        feed = {input_names[key]: value for key, value in inputs.items()}
+        fetches = {key: output_names[key] for key in output_keys}
+        with _tf_errors_as_serving_errors():
+            return session.run(fetches, feed_dict=feed)
+    return run
+
+
+@contextmanager
+def _tf_errors_as_serving_errors() -> Iterator[None]:
+    """Translate TensorFlow's run-time errors into ServingErrors with the same status code."""
+    try:
+        yield
+    except errors.ServingError:
+        raise
+    except tf.errors.OpError as error:
+        raise _OP_ERRORS.get(type(error), errors.Internal)(_client_message(error.message)) from error
+    except (TypeError, ValueError) as error:
+        raise errors.InvalidArgument(str(error)) from error
+
+
+_TF_NOISE = re.compile(r"^(Graph execution error:|Detected at node |<stack traces unavailable>|Node: '|\s*\[\[\{\{node )")
+_OP_SUFFIX = re.compile(r"\s*\[Op:[^\]]*\]\s*$")
+
+
+def _client_message(message: str) -> str:
+    """TensorFlow's error without its graph-location preamble and node suffixes: the part a client can act on."""
+    lines = [line for line in message.splitlines() if line.strip() and not _TF_NOISE.match(line)]
+    return _OP_SUFFIX.sub("", "\n".join(lines)) or message
+
+
+_OP_ERRORS: dict[type, type[errors.ServingError]] = {
+    tf.errors.InvalidArgumentError: errors.InvalidArgument,
+    tf.errors.NotFoundError: errors.NotFound,
+    tf.errors.FailedPreconditionError: errors.FailedPrecondition,
+    tf.errors.DeadlineExceededError: errors.DeadlineExceeded,
+    tf.errors.ResourceExhaustedError: errors.ResourceExhausted,
+    tf.errors.UnavailableError: errors.Unavailable,
+    tf.errors.OutOfRangeError: errors.InvalidArgument,
+    tf.errors.UnknownError: errors.Unknown,
+}

@@ -1,0 +1,1 @@
+"""tfgate's benchmarks: they drive the real endpoint and print ratios against baselines measured in the same run."""

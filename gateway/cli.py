@@ -1,0 +1,60 @@
+"""The `tfgate` command.
+
+`tfgate up` is the main job. Today it serves the bundled demo models from one backend on loopback; the gateway
+and its fleet take over this command as they land, so the quick start never changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from backend.demo_models import ensure_demo_models
+
+DEMO_MODELS = ("half_plus_two", "half_plus_two_tf1", "mlp", "strings")
+
+
+def demo_model_config(models_dir: Path) -> str:
+    """A text ModelServerConfig serving every demo model; half_plus_two keeps both versions with labels."""
+    entries = []
+    for name in DEMO_MODELS:
+        extra = ""
+        if name == "half_plus_two":
+            extra = (" model_version_policy { all {} } version_labels { key: 'stable' value: 1 }"
+                     " version_labels { key: 'canary' value: 2 }")
+        entries.append(f"  config {{ name: '{name}' base_path: '{models_dir / name}' model_platform: 'tensorflow'"
+                       f"{extra} }}")
+    return "model_config_list {\n" + "\n".join(entries) + "\n}\n"
+
+
+def _up(args: argparse.Namespace) -> int:
+    from backend.__main__ import main as backend_main
+
+    models_dir = ensure_demo_models()
+    config_path = models_dir.parent / f"{models_dir.name}.models.config"
+    config_path.write_text(demo_model_config(models_dir))
+    base = f"http://{args.bind}:{args.rest_port}/v1/models"
+    print(f"tfgate: serving the demo models from {models_dir}", file=sys.stderr)
+    print(f"tfgate: once ready, try:\n  curl -s {base}/half_plus_two:predict -d '{{\"instances\": [1.0, 2.0, 5.0]}}'"
+          f"\n  curl -s {base}/half_plus_two", file=sys.stderr)
+    return backend_main([f"--port={args.grpc_port}", f"--rest_api_port={args.rest_port}",
+                         f"--bind_address={args.bind}", f"--model_config_file={config_path}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tfgate", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="serve the bundled demo models (Ctrl-C stops)")
+    up.add_argument("--rest-port", type=int, default=8501)
+    up.add_argument("--grpc-port", type=int, default=8500)
+    up.add_argument("--bind", default="127.0.0.1", help="listen address (default: loopback only)")
+    up.set_defaults(run=_up)
+    models = commands.add_parser("demo-models", help="build the demo SavedModels (cached) and print where")
+    models.set_defaults(run=lambda _args: print(ensure_demo_models()) or 0)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
