@@ -58,7 +58,6 @@ class Backend:
         raise AssertionError(f"backend not ready after {timeout_s}s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def get(self, path: str) -> requests.Response:

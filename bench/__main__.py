@@ -1,0 +1,33 @@
+"""`python -m bench BENCHMARK`: tfgate's benchmarks, one subcommand each (`--help` lists them)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+
+import bench
+from bench import rest_latency
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=bench.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
+    rest_latency.add_command(commands)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    """Turn SIGTERM into SystemExit so every `with` unwinds and a started backend is stopped, as on Ctrl-C."""
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""A `python -m backend` subprocess on free loopback ports, for benchmarks that need a real server.
+
+Guarantee: leaving the `with` block ends the process — SIGTERM, then SIGKILL after a grace period — whether the
+block finished, raised, or was interrupted by Ctrl-C (a second Ctrl-C while waiting skips to the kill). The child
+runs in its own session, so a terminal's Ctrl-C reaches only the benchmark, which then stops the backend in order
+instead of both racing to shut down. The backend opens its ports only once every configured model is loaded, so
+an accepted TCP connection means ready.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class BackendProcess:
+    def __init__(self, flags: Sequence[str], log_path: Path, stop_grace_s: float = 15.0) -> None:
+        self.rest_port = free_port()
+        self._command = [sys.executable, "-m", "backend", f"--port={free_port()}", f"--rest_api_port={self.rest_port}",
+                         f"--bind_address={HOST}", *flags]
+        self._log_path = log_path
+        self._stop_grace_s = stop_grace_s
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.rest_port}"
+
+    def __enter__(self) -> BackendProcess:
+        """Start the process and return at once, so the caller can do other set-up while the models load."""
+        with open(self._log_path, "wb") as log:
+            self._process = subprocess.Popen(self._command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True,
+                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        assert self._process is not None, "use BackendProcess as a context manager"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"backend exited with {self._process.returncode}:\n{self.log_tail()}")
+            try:
+                with socket.create_connection((HOST, self.rest_port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"backend not ready after {timeout_s:g} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=self._stop_grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # also reached on a KeyboardInterrupt during the wait
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self._log_path.read_text(errors="replace")[-chars:]

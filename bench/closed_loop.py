@@ -1,0 +1,59 @@
+"""A closed loop: one caller sends the next request as soon as the previous one completes, for a fixed time.
+
+At concurrency 1 the rate is the inverse of the mean latency, so rate and percentiles describe the same samples.
+The loop ends by itself: the clock is read after every request, and a request that hangs is bounded by its own
+timeout (the REST client sets one). Any exception a request raises is counted as an error, never propagated;
+Ctrl-C (KeyboardInterrupt) is not an Exception and still stops the run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from bench.latency import LatencyRecorder
+from bench.progress import Progress
+
+
+class RequestFailed(Exception):
+    """A response that arrived but was wrong: `kind` is what the report counts, `detail` what it shows once."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+def run_closed_loop(request: Callable[[], None], seconds: float, progress: Progress) -> LatencyRecorder:
+    recorder = LatencyRecorder()
+    clock = time.perf_counter_ns
+    start = now = clock()
+    deadline = start + int(seconds * 1e9)
+    next_update = start + progress.interval_ns
+    while now < deadline:
+        begin = clock()  # not `now`: a progress write since then must not count as latency
+        failure: tuple[str, str] | None = None
+        try:
+            request()
+        except RequestFailed as error:
+            failure = (error.kind, error.detail)
+        except Exception as error:
+            failure = (type(error).__name__, str(error))
+        now = clock()
+        if failure is None:
+            recorder.record(now - begin)
+        else:
+            recorder.record_error(*failure)
+        if now >= next_update:
+            progress.update((now - start) / 1e9, recorder.count, recorder.error_count)
+            next_update = now + progress.interval_ns
+    recorder.elapsed_s = (now - start) / 1e9
+    progress.done(recorder.elapsed_s, recorder.count, recorder.error_count)
+    return recorder
+
+
+def measure(label: str, request: Callable[[], None], seconds: float, warmup_s: float) -> LatencyRecorder:
+    """A warm-up loop whose results are dropped (first-call tracing, caches, connection set-up), then the real one."""
+    if warmup_s > 0:
+        run_closed_loop(request, warmup_s, Progress(f"{label} warm-up", warmup_s))
+    return run_closed_loop(request, seconds, Progress(label, seconds))

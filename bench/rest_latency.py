@@ -1,0 +1,136 @@
+"""`rest-latency`: what one REST predict costs end to end, against the same predict in-process, in one run.
+
+Three closed loops at concurrency 1, each for --seconds after a --warmup, on half_plus_two version 1 with the body
+{"instances": [1.0, 2.0, 5.0]}:
+  (a) rest             one keep-alive HTTP/1.1 connection to a real backend, started here on loopback (or --url)
+  (b) in_process       backend.inference.predict on the same version loaded here: the ceiling without HTTP or JSON
+  (c) in_process_json  the REST handler's JSON decode/parse/encode around that same predict
+(a)/(b) is the share of the core's rate the REST API keeps; (a)/(c) is the share left once JSON is paid, i.e. what
+HTTP costs (client, loopback, aiohttp, executor hop). (a) includes this Python client's own time. Every response
+is checked against the expected predictions inside the timed call, with the cheapest check for its layer; a wrong
+or failed request is counted as an error and not timed. The backend is stopped before (b) and (c) run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import orjson
+
+from backend.demo_models import ensure_demo_models
+from bench.backend_process import BackendProcess
+from bench.closed_loop import RequestFailed, measure
+from bench.report import environment, format_table, ratio, write_json
+from bench.rest_client import KeepAliveClient, loopback_address
+from gateway.cli import demo_model_config
+
+MODEL, VERSION = "half_plus_two", 1
+BODY = {"instances": [1.0, 2.0, 5.0]}
+EXPECTED = [2.5, 3.0, 4.5]  # version 1 computes 0.5 * x + 2
+LABELS = {
+    "rest": "(a) REST, 1 keep-alive connection",
+    "in_process": "(b) in-process predict",
+    "in_process_json": "(c) in-process JSON + predict",
+}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rest-latency.json"
+
+
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("rest-latency", help="REST predict latency vs. the same predict in-process",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=_positive_float, default=10.0, help="measured time of each loop")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured time before each loop")
+    parser.add_argument("--url", type=_loopback_url,
+                        help="a running server on loopback (e.g. http://127.0.0.1:8501) instead of starting one")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default: bench/results/)")
+    parser.set_defaults(run=run)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _loopback_url(text: str) -> str:
+    try:
+        loopback_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.rstrip("/")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table and write the JSON; exit status 1 if any request failed."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import, as the backend does
+    from backend.servable import load_servable  # TensorFlow: imported here so `--help` never pays for it
+    from bench.in_process import json_predict_call, predict_call
+
+    models_dir = ensure_demo_models()
+    body = orjson.dumps(BODY)
+    with ExitStack() as stack:
+        backend = None if args.url else stack.enter_context(_demo_backend(models_dir))
+        url = args.url if backend is None else backend.url
+        client = KeepAliveClient(url, f"/v1/models/{MODEL}/versions/{VERSION}:predict", body)
+        stack.callback(client.close)
+        servable = load_servable(MODEL, VERSION, models_dir / MODEL / str(VERSION), tags=("serve",))
+        if backend is not None:
+            backend.wait_ready()  # after the local load, which overlapped the backend's own start
+        rest = measure(LABELS["rest"], lambda: _check_json(client.post()), args.seconds, args.warmup)
+    inputs = {"x": np.array([1, 2, 5], np.float32)}
+    core = measure(LABELS["in_process"], predict_call(servable, inputs, _check_tensors), args.seconds, args.warmup)
+    with_json = measure(LABELS["in_process_json"], json_predict_call(servable, body, _check_json), args.seconds,
+                        args.warmup)
+
+    results = {"rest": {**rest.summary(), "connections": client.connections},
+               "in_process": core.summary(), "in_process_json": with_json.summary()}
+    rates = {key: result["requests_per_s"] for key, result in results.items()}
+    ratios = {"rest_over_in_process": ratio(rates["rest"], rates["in_process"]),
+              "rest_over_in_process_json": ratio(rates["rest"], rates["in_process_json"])}
+    write_json(args.out, {
+        "benchmark": "rest-latency", "model": MODEL, "version": VERSION, "body": BODY, "target": url,
+        "backend_started_by_benchmark": backend is not None, "seconds": args.seconds, "warmup_s": args.warmup,
+        "environment": environment(), "results": results, "ratios": ratios,
+    })
+    print(f"\nrest-latency: {MODEL} v{VERSION}, body {orjson.dumps(BODY).decode()}, concurrency 1, "
+          f"{args.seconds:g} s per row after {args.warmup:g} s warm-up; latency in microseconds (us)")
+    print(format_table([(LABELS[key], result) for key, result in results.items()]))
+    print("requests/s ratios: (a)/(b) = " + _ratio_text(ratios["rest_over_in_process"])
+          + ", (a)/(c) = " + _ratio_text(ratios["rest_over_in_process_json"]))
+    for key, result in results.items():
+        if result["errors"]:
+            print(f"{LABELS[key]}: {result['errors']} errors, first: {result['first_error']}", file=sys.stderr)
+    print(f"results: {args.out}", file=sys.stderr)
+    return 1 if any(result["errors"] for result in results.values()) else 0
+
+
+@contextmanager
+def _demo_backend(models_dir: Path) -> Iterator[BackendProcess]:
+    """A backend serving every demo model, as `tfgate up` does; started, not yet ready."""
+    with tempfile.TemporaryDirectory(prefix="tfgate-bench-") as workdir:
+        config = Path(workdir) / "models.config"
+        config.write_text(demo_model_config(models_dir))
+        with BackendProcess([f"--model_config_file={config}"], Path(workdir) / "backend.log") as backend:
+            yield backend
+
+
+def _check_json(data: bytes) -> None:
+    if orjson.loads(data) != {"predictions": EXPECTED}:
+        raise RequestFailed("wrong predictions", data[:300].decode(errors="replace"))
+
+
+def _check_tensors(outputs: dict[str, np.ndarray]) -> None:
+    if outputs["y"].tolist() != EXPECTED:
+        raise RequestFailed("wrong predictions", repr(outputs))
+
+
+def _ratio_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
