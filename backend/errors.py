@@ -43,11 +43,6 @@ class ServingError(Exception):
     def http_status(self) -> int:
         return _HTTP_STATUS[self.code]
 
-    @property
-    def error_code_name(self) -> str:
-        """The name TF Serving prints in status JSON (`tensorflow.error.Code`)."""
-        return self.code.name
-
 
 class InvalidArgument(ServingError):
     code = grpc.StatusCode.INVALID_ARGUMENT

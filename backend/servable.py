@@ -10,7 +10,6 @@ several threads at once. Metadata always comes from the SignatureDefs as written
 
 from __future__ import annotations
 
-import logging
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from backend import errors
 
-log = logging.getLogger(__name__)
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -164,7 +162,8 @@ def _tf1_runner(session: tf.compat.v1.Session, definition: meta_graph_pb2.Signat
         feed = {input_names[key]: value for key, value in inputs.items()}
         fetches = {key: output_names[key] for key in output_keys}
         with _tf_errors_as_serving_errors():
-            return session.run(fetches, feed_dict=feed)
+            outputs: dict[str, np.ndarray] = session.run(fetches, feed_dict=feed)
+            return outputs
     return run
 
 
@@ -181,7 +180,8 @@ def _tf_errors_as_serving_errors() -> Iterator[None]:
         raise errors.InvalidArgument(str(error)) from error
 
 
-_TF_NOISE = re.compile(r"^(Graph execution error:|Detected at node |<stack traces unavailable>|Node: '|\s*\[\[\{\{node )")
+_TF_NOISE = re.compile(
+    r"^(Graph execution error:|Detected at node |<stack traces unavailable>|Node: '|\s*\[\[\{\{node )")
 _OP_SUFFIX = re.compile(r"\s*\[Op:[^\]]*\]\s*$")
 
 

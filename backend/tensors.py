@@ -248,7 +248,7 @@ def _plain(value: Any) -> Any:
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_plain(item) for item in value]
-    if isinstance(value, np.ndarray) or isinstance(value, np.generic):
+    if isinstance(value, (np.ndarray, np.generic)):
         if value.dtype.kind == "f":
             # Through the shortest decimal form, so float32 0.1 prints as 0.1 here too.
             return np.asarray(value).astype(str).astype(np.float64).tolist()

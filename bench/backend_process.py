@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
+from typing import Self, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -31,20 +31,24 @@ def free_port() -> int:
 class BackendProcess:
     def __init__(self, flags: Sequence[str], log_path: Path, stop_grace_s: float = 15.0) -> None:
         self.rest_port = free_port()
-        self._command = [sys.executable, "-m", "backend", f"--port={free_port()}", f"--rest_api_port={self.rest_port}",
-                         f"--bind_address={HOST}", *flags]
+        self.grpc_port = free_port()
+        self._command = [sys.executable, "-m", "backend", f"--port={self.grpc_port}",
+                         f"--rest_api_port={self.rest_port}", f"--bind_address={HOST}", *flags]
         self._log_path = log_path
         self._stop_grace_s = stop_grace_s
-        self._process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.rest_port}"
 
-    def __enter__(self) -> BackendProcess:
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def start(self) -> Self:
         """Start the process and return at once, so the caller can do other set-up while the models load."""
         with open(self._log_path, "wb") as log:
-            self._process = subprocess.Popen(self._command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+            self.process = subprocess.Popen(self._command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT, start_new_session=True,
                                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return self
@@ -53,23 +57,24 @@ class BackendProcess:
                  traceback: TracebackType | None) -> None:
         self.stop()
 
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        assert self._process is not None, "use BackendProcess as a context manager"
+    def wait_ready(self, timeout_s: float = 120.0) -> Self:
+        assert self.process is not None, "use BackendProcess as a context manager"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"backend exited with {self._process.returncode}:\n{self.log_tail()}")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"backend exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 with socket.create_connection((HOST, self.rest_port), timeout=0.5):
-                    return
+                    return self
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"backend not ready after {timeout_s:g} s:\n{self.log_tail()}")
 
-    def stop(self) -> None:
-        process = self._process
+    def stop(self) -> int | None:
+        """Stop the process (if started) and return its exit code."""
+        process = self.process
         if process is None or process.poll() is not None:
-            return
+            return None if process is None else process.returncode
         process.terminate()
         try:
             process.wait(timeout=self._stop_grace_s)
@@ -79,6 +84,10 @@ class BackendProcess:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        return process.returncode
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")
 
     def log_tail(self, chars: int = 4000) -> str:
-        return self._log_path.read_text(errors="replace")[-chars:]
+        return self.log()[-chars:]

@@ -37,14 +37,14 @@ def run_closed_loop(request: Callable[[], None], seconds: float, progress: Progr
             request()
         except RequestFailed as error:
             failure = (error.kind, error.detail)
-        except Exception as error:
+        except Exception as error:  # counted, not raised: see the module docstring
             failure = (type(error).__name__, str(error))
         now = clock()
         if failure is None:
             recorder.record(now - begin)
         else:
             recorder.record_error(*failure)
-        if now >= next_update:
+        if next_update <= now < deadline:  # the last line is done()'s
             progress.update((now - start) / 1e9, recorder.count, recorder.error_count)
             next_update = now + progress.interval_ns
     recorder.elapsed_s = (now - start) / 1e9

@@ -17,14 +17,18 @@ def format_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     lines = ["".ljust(width) + "".join(name.rjust(size) for name, size in _COLUMNS)]
     for label, summary in rows:
         latency = summary["latency_us"]
-        cells = [f"{summary['requests_per_s']:.1f}", *(_number(latency[key]) for key in ("p50", "p90", "p99")),
+        cells = [_number(summary["requests_per_s"]), *(_number(latency[key]) for key in ("p50", "p90", "p99")),
                  str(summary["count"]), str(summary["errors"])]
         lines.append(label.ljust(width) + "".join(cell.rjust(size) for cell, (_, size) in zip(cells, _COLUMNS)))
     return "\n".join(lines)
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def format_ratios(title: str, ratios: Mapping[str, float | None]) -> str:
+    return f"{title}: " + ", ".join(f"{name} = {_number(value, 3)}" for name, value in ratios.items())
+
+
+def _number(value: float | None, decimals: int = 1) -> str:
+    return "-" if value is None else f"{value:.{decimals}f}"
 
 
 def ratio(numerator: float, denominator: float) -> float | None:

@@ -5,8 +5,8 @@ Three closed loops at concurrency 1, each for --seconds after a --warmup, on hal
   (a) rest             one keep-alive HTTP/1.1 connection to a real backend, started here on loopback (or --url)
   (b) in_process       backend.inference.predict on the same version loaded here: the ceiling without HTTP or JSON
   (c) in_process_json  the REST handler's JSON decode/parse/encode around that same predict
-(a)/(b) is the share of the core's rate the REST API keeps; (a)/(c) is the share left once JSON is paid, i.e. what
-HTTP costs (client, loopback, aiohttp, executor hop). (a) includes this Python client's own time. Every response
+(a)/(b) is the share of the core's rate the REST API keeps. (c) does all of (a)'s work but HTTP, so (a)/(c) is what
+HTTP leaves (client, loopback, aiohttp, the executor hop); (a) includes this Python client's own time. Every response
 is checked against the expected predictions inside the timed call, with the cheapest check for its layer; a wrong
 or failed request is counted as an error and not timed. The backend is stopped before (b) and (c) run.
 """
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import orjson
@@ -27,7 +27,7 @@ import orjson
 from backend.demo_models import ensure_demo_models
 from bench.backend_process import BackendProcess
 from bench.closed_loop import RequestFailed, measure
-from bench.report import environment, format_table, ratio, write_json
+from bench.report import environment, format_ratios, format_table, ratio, write_json
 from bench.rest_client import KeepAliveClient, loopback_address
 from gateway.cli import demo_model_config
 
@@ -71,7 +71,8 @@ def _loopback_url(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print the table and write the JSON; exit status 1 if any request failed."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import, as the backend does
-    from backend.servable import load_servable  # TensorFlow: imported here so `--help` never pays for it
+    # TensorFlow: imported here so `--help` never pays for it.
+    from backend.servable import load_servable
     from bench.in_process import json_predict_call, predict_call
 
     models_dir = ensure_demo_models()
@@ -98,19 +99,25 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.out, {
         "benchmark": "rest-latency", "model": MODEL, "version": VERSION, "body": BODY, "target": url,
         "backend_started_by_benchmark": backend is not None, "seconds": args.seconds, "warmup_s": args.warmup,
-        "environment": environment(), "results": results, "ratios": ratios,
+        "environment": environment(), "results": {key: {"label": LABELS[key], **result}
+                                                   for key, result in results.items()},
+        "ratios": ratios,
     })
-    print(f"\nrest-latency: {MODEL} v{VERSION}, body {orjson.dumps(BODY).decode()}, concurrency 1, "
-          f"{args.seconds:g} s per row after {args.warmup:g} s warm-up; latency in microseconds (us)")
+    _print_report(args, body, results, ratios)
+    return 1 if any(result["errors"] for result in results.values()) else 0
+
+
+def _print_report(args: argparse.Namespace, body: bytes, results: dict[str, dict[str, Any]],
+                  ratios: dict[str, float | None]) -> None:
+    print(f"\nrest-latency: {MODEL} v{VERSION}, body {body.decode()}, concurrency 1, {args.seconds:g} s per row "
+          f"after {args.warmup:g} s warm-up; latency in microseconds (us)")
     print(format_table([(LABELS[key], result) for key, result in results.items()]))
-    print("requests/s ratios: (a)/(b) = " + _ratio_text(ratios["rest_over_in_process"])
-          + ", (a)/(c) = " + _ratio_text(ratios["rest_over_in_process_json"]))
+    print(format_ratios("requests/s ratios", {"(a)/(b)": ratios["rest_over_in_process"],
+                                              "(a)/(c)": ratios["rest_over_in_process_json"]}))
     for key, result in results.items():
         if result["errors"]:
             print(f"{LABELS[key]}: {result['errors']} errors, first: {result['first_error']}", file=sys.stderr)
     print(f"results: {args.out}", file=sys.stderr)
-    return 1 if any(result["errors"] for result in results.values()) else 0
-
 
 @contextmanager
 def _demo_backend(models_dir: Path) -> Iterator[BackendProcess]:
@@ -131,6 +138,3 @@ def _check_tensors(outputs: dict[str, np.ndarray]) -> None:
     if outputs["y"].tolist() != EXPECTED:
         raise RequestFailed("wrong predictions", repr(outputs))
 
-
-def _ratio_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

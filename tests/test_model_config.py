@@ -77,3 +77,8 @@ def test_policy_selects_versions(policy: VersionPolicy, on_disk: list[int], expe
 def test_unload_only_once_a_wanted_version_serves(desired: set[int], available: set[int],
                                                    expected: set[int]) -> None:
     assert versions_to_unload(frozenset(desired), frozenset(available)) == expected
+
+
+def test_the_example_config_parses() -> None:
+    names = [model.name for model in read_model_config_file(Path(__file__).parent.parent / "configs/models.config")]
+    assert names == ["half_plus_two", "mlp"]

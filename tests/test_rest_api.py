@@ -23,7 +23,8 @@ def backend(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         f'name: "mlp" base_path: "{demo_models}/mlp"',
         f'name: "strings" base_path: "{demo_models}/strings"',
     ])
-    server = Backend([f"--model_config_file={config}", "--rest_api_max_body_bytes=1000000"], work / "backend.log")
+    server = Backend([f"--model_config_file={config}", "--rest_api_max_body_bytes=1000000"],
+                     work / "backend.log").start()
     yield server.wait_ready()
     assert server.stop() == 0, server.log()
 
@@ -108,7 +109,8 @@ def test_tf2_model_serves_all_signatures(backend: Backend) -> None:
         "results": [[["", 12.0]], [["", 7.0]]]}
     assert backend.post("/v1/models/half_plus_two/versions/1:regress",
                         {"signature_name": "regress_x_to_y2", "examples": [{"x": 80.0}]}).json() == {"results": [43.0]}
-    context = {"signature_name": "regress_x2_to_y3", "context": {"x2": 4.0}, "examples": [{"x": 1.0}, {"x": 1.0, "x2": 8.0}]}
+    context = {"signature_name": "regress_x2_to_y3", "context": {"x2": 4.0},
+               "examples": [{"x": 1.0}, {"x": 1.0, "x2": 8.0}]}
     assert backend.post("/v1/models/half_plus_two/versions/1:regress", context).json() == {"results": [5.0, 7.0]}
 
 

@@ -1,0 +1,28 @@
+"""The benchmarks run end to end: a real backend subprocess, real requests, results on disk. Timings are never
+asserted (they depend on the machine); only that every loop ran, nothing failed and the report is complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.backend_process import REPO
+
+
+def test_rest_latency_runs_all_three_loops_without_errors(demo_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rest-latency.json"
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench", "rest-latency", "--seconds", "1", "--warmup", "0.2", "--out", str(out)],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"rest", "in_process", "in_process_json"}
+    for name, result in report["results"].items():
+        assert result["count"] > 0, name
+        assert result["errors"] == 0, (name, result["first_error"])
+        assert set(result["latency_us"]) == {"p50", "p90", "p99"}
+    assert report["results"]["rest"]["connections"] == 1  # one keep-alive connection for the whole run
+    assert set(report["ratios"]) == {"rest_over_in_process", "rest_over_in_process_json"}
+    assert "(a)/(b)" in finished.stdout
