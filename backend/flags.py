@@ -37,6 +37,10 @@ class ServerFlags:
     tensorflow_inter_op_parallelism: int = 0
     allow_version_labels_for_unavailable_models: bool = False
     grace_period_s: float = 30.0
+    monitoring_config_file: str = ""
+    ssl_config_file: str = ""
+    enable_grpc_healthcheck_service: bool = False
+    enable_serialization_as_tensor_content: bool = False
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -44,7 +48,7 @@ class ServerFlags:
 
 
 _HELP: dict[str, str] = {
-    "port": "gRPC port (the gRPC API itself is not served yet)",
+    "port": "gRPC port (TF Serving's PredictionService and ModelService)",
     "bind_address": "address the ports listen on (tfgate addition; the fleet binds 127.0.0.1)",
     "rest_api_port": "port of the HTTP/REST API; 0 disables it",
     "rest_api_timeout_in_ms": "timeout of one REST call; past it the client gets 504",
@@ -62,14 +66,17 @@ _HELP: dict[str, str] = {
     "tensorflow_inter_op_parallelism": "ops run at once; 0 lets TensorFlow choose",
     "allow_version_labels_for_unavailable_models": "allow a label to point at a version not yet available",
     "grace_period_s": "on SIGTERM, how long in-flight requests may finish (tfgate addition)",
+    "monitoring_config_file": "MonitoringConfig text proto; prometheus_config exposes metrics on the REST port",
+    "ssl_config_file": "SSLConfig text proto (PEM texts) securing the gRPC port; client_verify for mTLS",
+    "enable_grpc_healthcheck_service": "serve grpc.health.v1 on the gRPC port",
+    "enable_serialization_as_tensor_content": "gRPC outputs in tensor_content instead of the typed *_val fields",
 }
 
 # TF Serving flags that a user may pass but this server does not implement yet: named, so the error says so.
 _NOT_YET = frozenset({
-    "enable_batching", "batching_parameters_file", "monitoring_config_file", "ssl_config_file",
-    "grpc_channel_arguments", "grpc_socket_path", "platform_config_file", "rest_api_num_threads",
-    "enable_signature_method_name_check", "tensorflow_session_parallelism", "per_process_gpu_memory_fraction",
-    "enable_grpc_healthcheck_service", "enable_serialization_as_tensor_content",
+    "enable_batching", "batching_parameters_file", "grpc_channel_arguments", "grpc_socket_path",
+    "platform_config_file", "rest_api_num_threads", "enable_signature_method_name_check",
+    "tensorflow_session_parallelism", "per_process_gpu_memory_fraction",
 })
 
 _FIELDS = {field.name: field for field in dataclasses.fields(ServerFlags)}

@@ -48,6 +48,12 @@ def parse_model_config(text: str, source: str = "<model config>") -> tuple[Model
         text_format.Parse(text, message)
     except text_format.ParseError as error:
         raise ModelConfigError(f"{source}: {error}") from None
+    return configs_from_proto(message, source)
+
+
+def configs_from_proto(message: model_server_config_pb2.ModelServerConfig,
+                       source: str = "<model config>") -> tuple[ModelConfig, ...]:
+    """The models of a ModelServerConfig, from a file or from gRPC's HandleReloadConfigRequest."""
     if message.WhichOneof("config") == "custom_model_config":
         raise ModelConfigError(f"{source}: custom_model_config is not supported; use model_config_list")
     models: list[ModelConfig] = []

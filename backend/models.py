@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Awaitable, Callable, Mapping
+from typing import Awaitable, Callable, Iterable, Mapping, Protocol
 
 from backend import errors
 from backend.model_config import ModelConfig, ModelConfigError
@@ -66,9 +66,19 @@ class _Model:
     missing_path_logged: bool = False
 
 
+class ServingObserver(Protocol):
+    """Told how many versions of each model serve (the metrics implement it)."""
+
+    def set_available_versions(self, model: str, count: int) -> None: ...
+
+    def forget_model(self, model: str) -> None: ...
+
+
 class ModelManager:
     def __init__(self, loader: Loader, executor: Executor, policy: LoadPolicy = LoadPolicy(),
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 observer: ServingObserver | None = None) -> None:
+        self._observer = observer
         self._loader = loader
         self._executor = executor
         self._policy = policy
@@ -125,10 +135,18 @@ class ModelManager:
             return self._model_ready(model)
         return version in model.serving
 
-    def failed_versions(self) -> dict[str, dict[int, errors.ServingError]]:
-        return {name: {v: model.statuses[v].error for v in sorted(model.failed)  # type: ignore[misc]
-                       if model.statuses[v].error is not None}
-                for name, model in self._models.items() if model.failed}
+    def load_failures(self, names: Iterable[str] | None = None, *, only_unserved: bool = False) -> str:
+        """The versions that failed to load, with their errors, as one line ("" when none failed).
+
+        `only_unserved` keeps only models serving no version at all (a reload that added a broken model).
+        """
+        wanted = set(self._models) if names is None else set(names)
+        failures = [f"{name} version {version}: {status.error.message}"
+                    for name, model in sorted(self._models.items())
+                    if name in wanted and not (only_unserved and model.serving)
+                    for version, status in sorted(model.statuses.items())
+                    if version in model.failed and status.error is not None]
+        return "; ".join(failures)
 
     @staticmethod
     def _model_ready(model: _Model) -> bool:
@@ -150,6 +168,8 @@ class ModelManager:
             for name in set(current) - {config.name for config in configs}:
                 log.info("model %s removed from the config: unloading it", name)
                 del current[name]
+                if self._observer is not None:
+                    self._observer.forget_model(name)
             for config in configs:
                 model = current.get(config.name)
                 if model is None:
@@ -186,6 +206,8 @@ class ModelManager:
             del serving[version]
             model.statuses[version] = VersionStatus(version, VersionState.END)
         model.serving = MappingProxyType(serving)
+        if self._observer is not None:
+            self._observer.set_available_versions(model.config.name, len(serving))
 
     def _scan(self, model: _Model) -> set[int]:
         base = model.config.base_path

@@ -3,25 +3,31 @@
 Paths follow TF Serving's handler (case-insensitive, like its regexes):
   POST /v1/models/NAME[/versions/N|/labels/L]:(predict|classify|regress)
   GET  /v1/models/NAME[/versions/N|/labels/L][/metadata]
-Any other /v1 path is TF Serving's 400 "Malformed request". Every error is `{"error": "..."}` with TF Serving's
+Any other /v1 path is TF Serving's 400 "Malformed request". Probes follow the KServe/Triton convention, so they need
+no JSON parsing: GET /v2/health/live, /v2/health/ready and /v2/models/NAME[/versions/N]/ready answer 200 or 503.
+Prometheus metrics are served at the monitoring config's path. Every error is `{"error": "..."}` with TF Serving's
 status mapping; an unexpected exception is logged with its stack and reaches the client as a bare 500 message.
 JSON work and TensorFlow run on the inference executor, so the event loop only moves bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+import grpc
 import orjson
 from aiohttp import web
 
 from backend import errors, inference
+from backend.deadlines import run_before_deadline
 from backend.examples import serialized_examples_from_json
+from backend.health import Health
+from backend.metrics import BackendMetrics
 from backend.models import ModelManager
 from backend.servable import Servable
 from backend.status import metadata_json_dict, status_response, to_json_dict
@@ -39,6 +45,7 @@ _INT64_MAX = 2**63 - 1
 class RestOptions:
     timeout_s: float
     max_body_bytes: int
+    metrics_path: str | None = None  # where Prometheus scrapes, when monitoring is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,35 +55,95 @@ class _Target:
     label: str | None
 
 
+@dataclass(slots=True)
+class _CallLabels:
+    """What the metrics record of a model call, filled in as the handler learns it."""
+
+    api: str
+    model: str
+    version: int | None = None
+
+
 MANAGER = web.AppKey("manager", ModelManager)
 EXECUTOR = web.AppKey("executor", Executor)
 OPTIONS = web.AppKey("options", RestOptions)
+METRICS = web.AppKey("metrics", BackendMetrics)
+HEALTH = web.AppKey("health", Health)
+_LABELS = "tfgate.call_labels"
+ENTRYPOINT = "REST"
 
 
-def make_app(manager: ModelManager, executor: Executor, options: RestOptions) -> web.Application:
-    app = web.Application(client_max_size=options.max_body_bytes, middlewares=[_errors_as_json])
+def make_app(manager: ModelManager, executor: Executor, options: RestOptions, metrics: BackendMetrics,
+             health: Health) -> web.Application:
+    app = web.Application(client_max_size=options.max_body_bytes, middlewares=[_errors_and_metrics])
     app[MANAGER] = manager
     app[EXECUTOR] = executor
     app[OPTIONS] = options
+    app[METRICS] = metrics
+    app[HEALTH] = health
+    app.router.add_get("/v2/health/live", _live)
+    app.router.add_get("/v2/health/ready", _ready)
+    app.router.add_get("/v2/models/{name}/ready", _model_ready)
+    app.router.add_get("/v2/models/{name}/versions/{version:\\d+}/ready", _model_ready)
+    if options.metrics_path:
+        app.router.add_get(options.metrics_path, _metrics)
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     return app
 
 
 @web.middleware
-async def _errors_as_json(request: web.Request,
-                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _errors_and_metrics(request: web.Request,
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    started, code = time.perf_counter(), grpc.StatusCode.OK
     try:
-        return await handler(request)
+        with metrics.in_flight(ENTRYPOINT):
+            return await handler(request)
     except errors.ServingError as error:
+        code = error.code
         return _json_error(error.http_status, error.message)
     except web.HTTPRequestEntityTooLarge:
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
         limit = request.app[OPTIONS].max_body_bytes
         return _json_error(413, f"Request body is larger than the limit of {limit} bytes")
     except web.HTTPException:
         raise
     except Exception:  # the one place an unexpected error stops: logged in full, never sent to the client
+        code = grpc.StatusCode.INTERNAL
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return _json_error(500, "Internal error while serving the request; see the server log")
+    finally:
+        labels: _CallLabels | None = request.get(_LABELS)
+        if labels is not None:
+            metrics.observe_request(model=labels.model, version=labels.version, api=labels.api,
+                                    entrypoint=ENTRYPOINT, code=code.name, seconds=time.perf_counter() - started)
+
+
+async def _live(request: web.Request) -> web.Response:
+    return _json(b'{"live":true}')
+
+
+async def _ready(request: web.Request) -> web.Response:
+    ready = request.app[HEALTH].ready()
+    return web.Response(status=200 if ready else 503, body=encode_json({"ready": ready}),
+                        content_type="application/json")
+
+
+async def _model_ready(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    version = request.match_info.get("version")
+    ready = request.app[HEALTH].model_ready(name, None if version is None else int(version))
+    if ready is None:
+        raise errors.NotFound(f"Model {name} is not configured")
+    document = {"name": name, "ready": ready, **({"version": version} if version is not None else {})}
+    return web.Response(status=200 if ready else 503, body=encode_json(document), content_type="application/json")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].exposition()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 def _json_error(status: int, message: str) -> web.Response:
@@ -90,11 +157,12 @@ def _json(body: bytes) -> web.Response:
 async def _dispatch(request: web.Request) -> web.StreamResponse:
     path = request.path
     if request.method == "POST" and (match := _PREDICTION_PATH.fullmatch(path)):
-        return await _prediction(request, _target(match), match["verb"].lower())
+        verb = match["verb"].lower()
+        return await _prediction(request, _target(request, match, verb), verb)
     if request.method == "GET" and (match := _STATUS_PATH.fullmatch(path)):
         if match["metadata"]:
-            return _metadata(request, _target(match))
-        return _status(request, _target(match))
+            return _metadata(request, _target(request, match, "get_model_metadata"))
+        return _status(request, _target(request, match, "get_model_status"))
     if request.method == "GET" and path.rstrip("/").lower() == "/v1/models":
         raise errors.InvalidArgument("Missing model name in request.")
     if path.lower().startswith("/v1/"):
@@ -102,7 +170,8 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     raise errors.NotFound(f"No such endpoint: {request.method} {path}")
 
 
-def _target(match: re.Match[str]) -> _Target:
+def _target(request: web.Request, match: re.Match[str], api: str) -> _Target:
+    request[_LABELS] = _CallLabels(api=api, model=match["name"])
     version = None
     if match["version"] is not None:
         version = int(match["version"])
@@ -113,15 +182,15 @@ def _target(match: re.Match[str]) -> _Target:
 
 async def _prediction(request: web.Request, target: _Target, verb: str) -> web.Response:
     servable = request.app[MANAGER].resolve(target.name, target.version, target.label)
-    body = await request.read()
+    request[_LABELS].version = servable.version
     options = request.app[OPTIONS]
-    loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(request.app[EXECUTOR], _VERBS[verb], servable, body)
-    try:
-        return _json(await asyncio.wait_for(work, options.timeout_s))
-    except TimeoutError:
-        raise errors.DeadlineExceeded(f"Request timed out after {options.timeout_s * 1000:.0f} ms "
-                                      "(--rest_api_timeout_in_ms)") from None
+    deadline = time.monotonic() + options.timeout_s
+    body = await request.read()
+    handler = _VERBS[verb]
+    response = await run_before_deadline(
+        request.app[EXECUTOR], deadline, lambda: handler(servable, body),
+        f"Request timed out after {options.timeout_s * 1000:.0f} ms (--rest_api_timeout_in_ms)")
+    return _json(response)
 
 
 def _signature_name(request: dict[str, Any]) -> str:
@@ -167,6 +236,7 @@ def _status(request: web.Request, target: _Target) -> web.Response:
 
 def _metadata(request: web.Request, target: _Target) -> web.Response:
     servable = request.app[MANAGER].resolve(target.name, target.version, target.label)
+    request[_LABELS].version = servable.version
     return _json(_pretty(metadata_json_dict(servable)))
 
 

@@ -1,9 +1,11 @@
 """The backend process's lifecycle: configure TensorFlow, load every configured model, then open the ports.
 
-Order (as TF Serving, so "port open" means "ready"): read the model config → load each model's wanted versions
-(warm-up included) → fail at start if a version cannot load, wait while a model has no version on disk → open the
-REST port → poll base paths and the config file in the background → on SIGTERM/SIGINT stop accepting, let in-flight
-requests finish within the grace period, cancel the pollers and exit 0.
+Order (as TF Serving, so "port open" means "ready"): read every config file (a bad one fails the start) → load each
+model's wanted versions (warm-up included) → fail at start if a version cannot load, wait while a model has no
+version on disk → open the gRPC and REST ports → poll base paths and the model config in the background.
+
+Shutdown on SIGTERM/SIGINT: report not-ready (REST readiness 503, gRPC health NOT_SERVING) → stop accepting →
+let in-flight REST and gRPC requests finish within the grace period → cancel the pollers → exit 0.
 """
 
 from __future__ import annotations
@@ -12,25 +14,59 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
+import grpc
 import tensorflow as tf
 from aiohttp import web
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backend.flags import ServerFlags
+from backend.grpc_service import GrpcContext, add_services
+from backend.health import Health
+from backend.metrics import BackendMetrics
 from backend.model_config import ModelConfig, ModelConfigError, read_model_config_file, single_model
 from backend.models import LoadPolicy, ModelManager
+from backend.monitoring_config import MonitoringConfigError, PrometheusSettings, read_monitoring_config
 from backend.rest import RestOptions, make_app
 from backend.servable import Servable, load_servable
+from backend.ssl_config import SSLConfig, SSLConfigError, read_ssl_config
 from backend.warmup import run_warmup
 
 log = logging.getLogger(__name__)
 
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1  # as TF Serving: not gRPC's 4 MB default
+GRPC_SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+
 
 class StartupError(RuntimeError):
     """The server cannot start; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    """Every file the flags name, read once before anything loads, so a typo fails in the first second."""
+
+    models: tuple[ModelConfig, ...]
+    prometheus: PrometheusSettings
+    ssl: SSLConfig | None
+
+
+def _read_settings(flags: ServerFlags) -> _Settings:
+    try:
+        models = read_model_config_file(flags.model_config_file) if flags.model_config_file else single_model(flags)
+        prometheus = (read_monitoring_config(flags.monitoring_config_file) if flags.monitoring_config_file
+                      else PrometheusSettings(enabled=False, path=""))
+        ssl = read_ssl_config(flags.ssl_config_file) if flags.ssl_config_file else None
+    except (ModelConfigError, MonitoringConfigError, SSLConfigError) as error:
+        raise StartupError(str(error)) from None
+    return _Settings(models=models, prometheus=prometheus, ssl=ssl)
 
 
 def _configure_tensorflow(flags: ServerFlags) -> tf.compat.v1.ConfigProto:
@@ -41,21 +77,30 @@ def _configure_tensorflow(flags: ServerFlags) -> tf.compat.v1.ConfigProto:
                                     inter_op_parallelism_threads=flags.tensorflow_inter_op_parallelism)
 
 
-def _model_configs(flags: ServerFlags) -> tuple[ModelConfig, ...]:
-    if flags.model_config_file:
-        return read_model_config_file(flags.model_config_file)
-    return single_model(flags)
-
-
-async def serve(flags: ServerFlags) -> None:
+def _loader(flags: ServerFlags, metrics: BackendMetrics) -> Callable[[str, int, Path], Servable]:
     session_config = _configure_tensorflow(flags)
 
     def load(name: str, version: int, path: Path) -> Servable:
-        servable = load_servable(name, version, path, flags.tags, session_config)
-        if flags.enable_model_warmup:
-            run_warmup(servable, path)
+        started = time.perf_counter()
+        try:
+            servable = load_servable(name, version, path, flags.tags, session_config)
+            if flags.enable_model_warmup:
+                warmup_started = time.perf_counter()
+                if run_warmup(servable, path):
+                    metrics.observe_warmup(path=str(path), seconds=time.perf_counter() - warmup_started)
+        except Exception:
+            metrics.observe_load(model=name, version=version, path=str(path),
+                                 seconds=time.perf_counter() - started, ok=False)
+            raise
+        metrics.observe_load(model=name, version=version, path=str(path), seconds=time.perf_counter() - started,
+                             ok=True)
         return servable
+    return load
 
+
+async def serve(flags: ServerFlags) -> None:
+    settings = _read_settings(flags)
+    metrics = BackendMetrics()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -69,38 +114,78 @@ async def serve(flags: ServerFlags) -> None:
         policy = LoadPolicy(max_load_retries=flags.max_num_load_retries,
                             load_retry_interval_s=flags.load_retry_interval_micros / 1e6,
                             allow_labels_for_unavailable=flags.allow_version_labels_for_unavailable_models)
-        manager = ModelManager(load, load_executor, policy)
-        if not await _load_initial_models(manager, flags, stop):
+        manager = ModelManager(_loader(flags, metrics), load_executor, policy, observer=metrics)
+        if not await _load_initial_models(manager, settings.models, flags, stop):
             return
         tasks = [asyncio.create_task(_poll_file_system(manager, flags.file_system_poll_wait_seconds))]
         if flags.model_config_file and flags.model_config_file_poll_wait_seconds > 0:
             tasks.append(asyncio.create_task(_poll_config(manager, flags)))
         stack.push_async_callback(_cancel_all, tasks)
-        if flags.rest_api_port:
-            app = make_app(manager, inference_executor,
-                           RestOptions(timeout_s=flags.rest_api_timeout_in_ms / 1000,
-                                       max_body_bytes=flags.rest_api_max_body_bytes))
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=flags.grace_period_s)
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            await web.TCPSite(runner, flags.bind_address, flags.rest_api_port, reuse_address=True).start()
-            log.info("Exporting HTTP/REST API at:%s:%d ...", flags.bind_address, flags.rest_api_port)
+
+        health = Health(manager)
+        grpc_server, health_service = await _start_grpc(flags, settings, manager, inference_executor, metrics)
+        runner = await _start_rest(flags, settings, manager, inference_executor, metrics, health)
         log.info("serving models: %s", ", ".join(manager.model_names()))
         await stop.wait()
-        log.info("shutting down: draining in-flight requests (grace %.0fs)", flags.grace_period_s)
+
+        log.info("shutting down: not ready; draining in-flight requests (grace %gs)", flags.grace_period_s)
+        health.draining = True
+        if health_service is not None:
+            await health_service.enter_graceful_shutdown()
+        await asyncio.gather(*([grpc_server.stop(flags.grace_period_s)] if grpc_server is not None else []),
+                             *([runner.cleanup()] if runner is not None else []))
+        log.info("drained; exiting")
 
 
-async def _load_initial_models(manager: ModelManager, flags: ServerFlags, stop: asyncio.Event) -> bool:
+async def _start_grpc(flags: ServerFlags, settings: _Settings, manager: ModelManager, executor: ThreadPoolExecutor,
+                      metrics: BackendMetrics) -> tuple[grpc.aio.Server | None, grpc_health.aio.HealthServicer | None]:
+    if not flags.port:
+        return None, None
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                                      ("grpc.so_reuseport", 0)])
+    add_services(server, GrpcContext(manager=manager, executor=executor, metrics=metrics,
+                                     tensor_content=flags.enable_serialization_as_tensor_content))
+    health_service = None
+    if flags.enable_grpc_healthcheck_service:
+        health_service = grpc_health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+        for service in ("", *GRPC_SERVICES):
+            await health_service.set(service, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{flags.bind_address}:{flags.port}"
+    if settings.ssl is not None:
+        server.add_secure_port(address, settings.ssl.server_credentials())
+    else:
+        server.add_insecure_port(address)
+    await server.start()
+    log.info("Running gRPC ModelServer at %s%s ...", address, " (TLS)" if settings.ssl is not None else "")
+    return server, health_service
+
+
+async def _start_rest(flags: ServerFlags, settings: _Settings, manager: ModelManager, executor: ThreadPoolExecutor,
+                      metrics: BackendMetrics, health: Health) -> web.AppRunner | None:
+    if not flags.rest_api_port:
+        return None
+    options = RestOptions(timeout_s=flags.rest_api_timeout_in_ms / 1000, max_body_bytes=flags.rest_api_max_body_bytes,
+                          metrics_path=settings.prometheus.path if settings.prometheus.enabled else None)
+    runner = web.AppRunner(make_app(manager, executor, options, metrics, health), access_log=None,
+                           shutdown_timeout=flags.grace_period_s)
+    await runner.setup()
+    await web.TCPSite(runner, flags.bind_address, flags.rest_api_port, reuse_address=True).start()
+    log.info("Exporting HTTP/REST API at:%s:%d ...", flags.bind_address, flags.rest_api_port)
+    return runner
+
+
+async def _load_initial_models(manager: ModelManager, models: tuple[ModelConfig, ...], flags: ServerFlags,
+                               stop: asyncio.Event) -> bool:
     """Load what the config wants; False if stopped while waiting. Raises StartupError if a version fails."""
     try:
-        await manager.apply(_model_configs(flags), strict_labels=True)
+        await manager.apply(models, strict_labels=True)
     except ModelConfigError as error:
         raise StartupError(str(error)) from None
-    failed = manager.failed_versions()
-    if failed:
-        details = "; ".join(f"{name} version {version}: {error.message}"
-                            for name, versions in failed.items() for version, error in versions.items())
-        raise StartupError(f"Failed to load initial models: {details}")
+    failures = manager.load_failures()
+    if failures:
+        raise StartupError(f"Failed to load initial models: {failures}")
     interval = max(flags.file_system_poll_wait_seconds, 1)
     while not manager.is_ready():
         waiting = [name for name in manager.model_names() if not manager.version_ready(name)]

@@ -97,7 +97,8 @@ async def test_failed_version_is_retried_then_ends_without_taking_down_the_servi
     assert (serving.version, serving.state) == (1, VersionState.AVAILABLE)
     await manager.sync()  # not retried again while it stays wanted
     assert loader.calls.count(2) == 3
-    assert manager.failed_versions() == {"m": {2: failed.error}}
+    assert manager.load_failures() == "m version 2: cannot load " + str(base / "2")
+    assert manager.load_failures(only_unserved=True) == ""
 
 
 async def test_labels_resolve_and_a_bad_label_keeps_the_old_ones(tmp_path: Path,

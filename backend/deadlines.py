@@ -1,0 +1,35 @@
+"""Running blocking model work on an executor within a client's deadline.
+
+A request can wait in the executor's queue behind others; if its deadline passes while it waits it is dropped
+before it runs (its client has gone), instead of spending TensorFlow time on an answer nobody reads. The caller's
+await is bounded by the same deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from typing import Callable, TypeVar
+
+from backend.errors import DeadlineExceeded
+
+T = TypeVar("T")
+
+
+async def run_before_deadline(executor: Executor, deadline: float | None, work: Callable[[], T],
+                              expired_message: str = "Deadline Exceeded") -> T:
+    """Run `work` on the executor unless `deadline` (time.monotonic() seconds; None: none) passes first."""
+
+    def guarded() -> T:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(expired_message)
+        return work()
+
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(expired_message)
+    future = asyncio.get_running_loop().run_in_executor(executor, guarded)
+    try:
+        return await asyncio.wait_for(future, None if deadline is None else deadline - time.monotonic())
+    except TimeoutError:
+        raise DeadlineExceeded(expired_message) from None

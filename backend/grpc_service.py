@@ -1,0 +1,272 @@
+"""TF Serving's gRPC API on grpc.aio: `PredictionService` and `ModelService`, a thin adapter over the core.
+
+Each call resolves its `ModelSpec` (name, and version or version_label) on the event loop, then decodes tensors,
+runs the model and encodes the answer on the inference executor within the client's deadline (a call whose
+deadline passed while it waited is not run). Errors become the gRPC status TF Serving returns; an unexpected
+exception is logged and reaches the client as INTERNAL without its stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+import grpc
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_management_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
+from tensorflow_serving.config import model_server_config_pb2
+
+from backend import errors, inference
+from backend.deadlines import run_before_deadline
+from backend.examples import serialized_examples_from_proto
+from backend.metrics import BackendMetrics
+from backend.model_config import ModelConfigError, configs_from_proto
+from backend.models import ModelManager
+from backend.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable
+from backend.status import model_spec, signature_def_map, status_response
+from backend.tensor_proto import to_ndarray, to_tensor_proto
+
+log = logging.getLogger(__name__)
+
+Response = TypeVar("Response")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+ENTRYPOINT = "GRPC"
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcContext:
+    """What both services need: the model manager, where model work runs, and how outputs are encoded."""
+
+    manager: ModelManager
+    executor: Executor
+    metrics: BackendMetrics
+    tensor_content: bool = False
+
+    def resolve(self, spec: model_pb2.ModelSpec) -> Servable:
+        if not spec.name:
+            raise errors.InvalidArgument("Missing ModelSpec: the request names no model")
+        choice = spec.WhichOneof("version_choice")
+        return self.manager.resolve(spec.name, spec.version.value if choice == "version" else None,
+                                    spec.version_label if choice == "version_label" else None)
+
+    async def run(self, context: grpc.aio.ServicerContext, work: Callable[[], Response]) -> Response:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return await run_before_deadline(self.executor, deadline, work)
+
+
+def _rpc(api: str) -> Callable[[Handler], Handler]:
+    """Error translation and metrics for one RPC, in one place for every method."""
+
+    def decorate(method: Handler) -> Handler:
+        @functools.wraps(method)
+        async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            grpc_context: GrpcContext = self.context
+            started, code, response = time.perf_counter(), grpc.StatusCode.OK, None
+            with grpc_context.metrics.in_flight(ENTRYPOINT):
+                try:
+                    response = await method(self, request, context)
+                    return response
+                except errors.ServingError as error:
+                    code = error.code
+                    await context.abort(error.code, error.message)
+                except Exception:  # the one place an unexpected error stops: logged in full, not sent
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("unexpected error in %s", api)
+                    await context.abort(code, "Internal error while serving the request; see the server log")
+                finally:
+                    spec = getattr(response, "model_spec", None) or getattr(request, "model_spec", None)
+                    grpc_context.metrics.observe_request(
+                        model=spec.name if spec is not None else "",
+                        version=spec.version.value if spec is not None and spec.HasField("version") else None,
+                        api=api, entrypoint=ENTRYPOINT, code=code.name, seconds=time.perf_counter() - started)
+        return call
+    return decorate
+
+
+def _response_spec(target: model_pb2.ModelSpec, servable: Servable, signature_key: str) -> None:
+    target.CopyFrom(model_spec(servable))
+    target.signature_name = signature_key
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, context: GrpcContext) -> None:
+        self.context = context
+
+    @_rpc("predict")
+    async def Predict(self, request: predict_pb2.PredictRequest,
+                      context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+        servable = self.context.resolve(request.model_spec)
+        return await self.context.run(context, lambda: self._predict(servable, request))
+
+    def _predict(self, servable: Servable, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        signature = servable.signature(request.model_spec.signature_name)
+        inference.check_input_names(request.inputs.keys(), signature.inputs.keys())
+        inputs = {name: to_ndarray(name, proto, signature.inputs[name]) for name, proto in request.inputs.items()}
+        outputs = inference.predict(servable, signature.key, inputs, list(request.output_filter))
+        response = predict_pb2.PredictResponse()
+        _response_spec(response.model_spec, servable, signature.key)
+        for name, value in outputs.items():
+            response.outputs[name].CopyFrom(to_tensor_proto(value, self.context.tensor_content))
+        return response
+
+    @_rpc("classify")
+    async def Classify(self, request: classification_pb2.ClassificationRequest,
+                       context: grpc.aio.ServicerContext) -> classification_pb2.ClassificationResponse:
+        servable = self.context.resolve(request.model_spec)
+
+        def classify() -> classification_pb2.ClassificationResponse:
+            response = classification_pb2.ClassificationResponse()
+            key = servable.signature(request.model_spec.signature_name).key
+            _fill_classifications(response.result,
+                                  inference.classify(servable, key, serialized_examples_from_proto(request.input)))
+            _response_spec(response.model_spec, servable, key)
+            return response
+        return await self.context.run(context, classify)
+
+    @_rpc("regress")
+    async def Regress(self, request: regression_pb2.RegressionRequest,
+                      context: grpc.aio.ServicerContext) -> regression_pb2.RegressionResponse:
+        servable = self.context.resolve(request.model_spec)
+
+        def regress() -> regression_pb2.RegressionResponse:
+            response = regression_pb2.RegressionResponse()
+            key = servable.signature(request.model_spec.signature_name).key
+            _fill_regressions(response.result,
+                              inference.regress(servable, key, serialized_examples_from_proto(request.input)))
+            _response_spec(response.model_spec, servable, key)
+            return response
+        return await self.context.run(context, regress)
+
+    @_rpc("multi_inference")
+    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,
+                             context: grpc.aio.ServicerContext) -> inference_pb2.MultiInferenceResponse:
+        if not request.tasks:
+            raise errors.InvalidArgument("MultiInferenceRequest must contain at least one task")
+        first = request.tasks[0].model_spec
+        for task in request.tasks:
+            if task.model_spec.name != first.name:
+                raise errors.InvalidArgument("All ModelSpecs in a MultiInferenceRequest must access the same model "
+                                             "name")
+            if task.model_spec.WhichOneof("version_choice") != first.WhichOneof("version_choice") or (
+                    task.model_spec.version != first.version or task.model_spec.version_label != first.version_label):
+                raise errors.InvalidArgument("ModelSpec version in a MultiInferenceRequest must be the same")
+        signatures = [task.model_spec.signature_name for task in request.tasks]
+        duplicate = next((name for name in signatures if signatures.count(name) > 1), None)
+        if duplicate is not None:
+            raise errors.InvalidArgument(f"Duplicate evaluation of signature: {duplicate}")
+        servable = self.context.resolve(first)
+        return await self.context.run(context, lambda: self._multi_inference(servable, request))
+
+    @staticmethod
+    def _multi_inference(servable: Servable,
+                         request: inference_pb2.MultiInferenceRequest) -> inference_pb2.MultiInferenceResponse:
+        examples = serialized_examples_from_proto(request.input)
+        response = inference_pb2.MultiInferenceResponse()
+        for task in request.tasks:
+            key = servable.signature(task.model_spec.signature_name).key
+            result = response.results.add()
+            _response_spec(result.model_spec, servable, key)
+            if task.method_name == CLASSIFY_METHOD:
+                _fill_classifications(result.classification_result, inference.classify(servable, key, examples))
+            elif task.method_name == REGRESS_METHOD:
+                _fill_regressions(result.regression_result, inference.regress(servable, key, examples))
+            else:
+                raise errors.InvalidArgument(f"Unsupported signature method_name: {task.method_name}")
+        return response
+
+    @_rpc("get_model_metadata")
+    async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+                               context: grpc.aio.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        if not request.metadata_field:
+            raise errors.InvalidArgument("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != "signature_def":
+                raise errors.InvalidArgument(f"Metadata field {field} is not supported")
+        servable = self.context.resolve(request.model_spec)
+        response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec(servable))
+        response.metadata["signature_def"].Pack(signature_def_map(servable))
+        return response
+
+
+def _fill_classifications(result: classification_pb2.ClassificationResult,
+                          classifications: list[inference.Classification]) -> None:
+    for classes in classifications:
+        entry = result.classifications.add()
+        for label, score in classes:
+            entry.classes.add(label=label.decode(errors="replace"), score=score)
+
+
+def _fill_regressions(result: regression_pb2.RegressionResult, values: list[float]) -> None:
+    for value in values:
+        result.regressions.add(value=value)
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, context: GrpcContext) -> None:
+        self.context = context
+
+    @_rpc("get_model_status")
+    async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
+                             context: grpc.aio.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
+        spec = request.model_spec
+        if not spec.name:
+            raise errors.InvalidArgument("Missing ModelSpec: the request names no model")
+        choice = spec.WhichOneof("version_choice")
+        if choice == "version_label":
+            self.context.manager.label_version(spec.name, spec.version_label)  # unknown labels are errors
+        return status_response(self.context.manager.status(
+            spec.name, spec.version.value if choice == "version" else None))
+
+    @_rpc("handle_reload_config")
+    async def HandleReloadConfigRequest(
+            self, request: model_management_pb2.ReloadConfigRequest,
+            context: grpc.aio.ServicerContext) -> model_management_pb2.ReloadConfigResponse:
+        """Replace the model config; return once added models are loaded, or say which cannot serve.
+
+        As in TF Serving, a request without a config takes no action.
+        """
+        if request.config.WhichOneof("config") is None:
+            log.info("HandleReloadConfigRequest without a config: taking no action")
+        else:
+            await self._reload(request.config)
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.SetInParent()
+        return response
+
+
+    async def _reload(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        manager = self.context.manager
+        try:
+            configs = configs_from_proto(config, "ReloadConfigRequest")
+            await manager.apply(configs, strict_labels=True)
+        except ModelConfigError as error:
+            raise errors.InvalidArgument(str(error)) from None
+        names = [model.name for model in configs]
+        failures = manager.load_failures(names, only_unserved=True)
+        if failures:
+            raise errors.Unknown(f"Failed to load models from the new config: {failures}")
+        unserved = [name for name in names if not manager.version_ready(name)]
+        if unserved:
+            raise errors.FailedPrecondition(f"The config is applied, but these models serve no version yet (none "
+                                            f"found under their base paths): {', '.join(unserved)}")
+
+
+def add_services(server: grpc.aio.Server, context: GrpcContext) -> None:
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(context), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(context), server)
