@@ -38,7 +38,9 @@ _MLP_SIZES = (784, 1024, 1024, 10)
 def _patch_method_names(export_dir: Path, method_names: dict[str, str]) -> None:
     """Rewrites signature method names in saved_model.pb, then re-fingerprints the changed file."""
     import tensorflow as tf
-    from tensorflow.python.saved_model import fingerprinting_utils  # the saver's own (private) writer
+    from tensorflow.python.saved_model import (
+        fingerprinting_utils,  # the saver's own (private) writer
+    )
 
     updater = tf.compat.v1.saved_model.signature_def_utils.MethodNameUpdater(str(export_dir))
     for key, method in method_names.items():

@@ -128,30 +128,30 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_rpc("classify")
     async def Classify(self, request: classification_pb2.ClassificationRequest,
                        context: grpc.aio.ServicerContext) -> classification_pb2.ClassificationResponse:
-        servable = self.context.resolve(request.model_spec)
-
-        def classify() -> classification_pb2.ClassificationResponse:
-            response = classification_pb2.ClassificationResponse()
-            key = servable.signature(request.model_spec.signature_name).key
-            _fill_classifications(response.result,
-                                  inference.classify(servable, key, serialized_examples_from_proto(request.input)))
-            _response_spec(response.model_spec, servable, key)
-            return response
-        return await self.context.run(context, classify)
+        return await self._on_examples(
+            request, context, classification_pb2.ClassificationResponse(),
+            lambda servable, key, examples, result: _fill_classifications(
+                result, inference.classify(servable, key, examples)))
 
     @_rpc("regress")
     async def Regress(self, request: regression_pb2.RegressionRequest,
                       context: grpc.aio.ServicerContext) -> regression_pb2.RegressionResponse:
+        return await self._on_examples(
+            request, context, regression_pb2.RegressionResponse(),
+            lambda servable, key, examples, result: _fill_regressions(
+                result, inference.regress(servable, key, examples)))
+
+    async def _on_examples(self, request: Any, context: grpc.aio.ServicerContext, response: Any,
+                           run_into: Callable[[Servable, str, list[bytes], Any], None]) -> Any:
+        """Classify and Regress alike: resolve, run the signature on the request's examples, fill the result."""
         servable = self.context.resolve(request.model_spec)
 
-        def regress() -> regression_pb2.RegressionResponse:
-            response = regression_pb2.RegressionResponse()
+        def work() -> Any:
             key = servable.signature(request.model_spec.signature_name).key
-            _fill_regressions(response.result,
-                              inference.regress(servable, key, serialized_examples_from_proto(request.input)))
+            run_into(servable, key, serialized_examples_from_proto(request.input), response.result)
             _response_spec(response.model_spec, servable, key)
             return response
-        return await self.context.run(context, regress)
+        return await self.context.run(context, work)
 
     @_rpc("multi_inference")
     async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,

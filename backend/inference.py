@@ -12,7 +12,13 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from backend.errors import InvalidArgument
-from backend.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable, Signature, TensorSpec
+from backend.servable import (
+    CLASSIFY_METHOD,
+    REGRESS_METHOD,
+    Servable,
+    Signature,
+    TensorSpec,
+)
 
 CLASSIFY_INPUTS, CLASSIFY_CLASSES, CLASSIFY_SCORES = "inputs", "classes", "scores"
 REGRESS_INPUTS, REGRESS_OUTPUTS = "inputs", "outputs"

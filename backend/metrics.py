@@ -24,7 +24,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.metrics_core import Metric
 
 ENTRYPOINTS = ("REST", "GRPC")

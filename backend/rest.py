@@ -31,7 +31,13 @@ from backend.metrics import BackendMetrics
 from backend.models import ModelManager
 from backend.servable import Servable
 from backend.status import metadata_json_dict, status_response, to_json_dict
-from backend.tensors import decode_json_object, encode_json, error_json, parse_predict_inputs, predict_response
+from backend.tensors import (
+    decode_json_object,
+    encode_json,
+    error_json,
+    parse_predict_inputs,
+    predict_response,
+)
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from backend import errors
 
-
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"

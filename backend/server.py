@@ -18,8 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import tensorflow as tf
@@ -31,9 +31,18 @@ from backend.flags import ServerFlags
 from backend.grpc_service import GrpcContext, add_services
 from backend.health import Health
 from backend.metrics import BackendMetrics
-from backend.model_config import ModelConfig, ModelConfigError, read_model_config_file, single_model
+from backend.model_config import (
+    ModelConfig,
+    ModelConfigError,
+    read_model_config_file,
+    single_model,
+)
 from backend.models import LoadPolicy, ModelManager
-from backend.monitoring_config import MonitoringConfigError, PrometheusSettings, read_monitoring_config
+from backend.monitoring_config import (
+    MonitoringConfigError,
+    PrometheusSettings,
+    read_monitoring_config,
+)
 from backend.rest import RestOptions, make_app
 from backend.servable import Servable, load_servable
 from backend.ssl_config import SSLConfig, SSLConfigError, read_ssl_config

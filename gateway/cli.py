@@ -7,10 +7,12 @@ and its fleet take over this command as they land, so the quick start never chan
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from backend.demo_models import ensure_demo_models
+from gateway.certs import write_dev_certs
 
 DEMO_MODELS = ("half_plus_two", "half_plus_two_tf1", "mlp", "strings")
 
@@ -34,12 +36,25 @@ def _up(args: argparse.Namespace) -> int:
     models_dir = ensure_demo_models()
     config_path = models_dir.parent / f"{models_dir.name}.models.config"
     config_path.write_text(demo_model_config(models_dir))
-    base = f"http://{args.bind}:{args.rest_port}/v1/models"
-    print(f"tfgate: serving the demo models from {models_dir}", file=sys.stderr)
-    print(f"tfgate: once ready, try:\n  curl -s {base}/half_plus_two:predict -d '{{\"instances\": [1.0, 2.0, 5.0]}}'"
-          f"\n  curl -s {base}/half_plus_two", file=sys.stderr)
+    monitoring_path = models_dir.parent / "monitoring.config"
+    monitoring_path.write_text("prometheus_config { enable: true }\n")
+    rest = f"http://{args.bind}:{args.rest_port}"
+    print(f"tfgate: serving the demo models from {models_dir}\n"
+          f"tfgate: REST {rest}, gRPC {args.bind}:{args.grpc_port}; once ready, try:\n"
+          f"  curl -s {rest}/v1/models/half_plus_two:predict -d '{{\"instances\": [1.0, 2.0, 5.0]}}'\n"
+          f"  curl -s {rest}/v1/models/half_plus_two\n"
+          f"  curl -s {rest}/v2/health/ready\n"
+          f"  curl -s {rest}/monitoring/prometheus/metrics", file=sys.stderr)
     return backend_main([f"--port={args.grpc_port}", f"--rest_api_port={args.rest_port}",
-                         f"--bind_address={args.bind}", f"--model_config_file={config_path}"])
+                         f"--bind_address={args.bind}", f"--model_config_file={config_path}",
+                         f"--monitoring_config_file={monitoring_path}", "--enable_grpc_healthcheck_service"])
+
+
+def _certs(args: argparse.Namespace) -> int:
+    paths = write_dev_certs(args.dir, hosts=args.hosts, overwrite=args.force)
+    for field in dataclasses.fields(paths):
+        print(f"{field.name}: {getattr(paths, field.name)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--grpc-port", type=int, default=8500)
     up.add_argument("--bind", default="127.0.0.1", help="listen address (default: loopback only)")
     up.set_defaults(run=_up)
+    certs = commands.add_parser("certs", help="write a development CA and server/client certificates")
+    certs.add_argument("--dir", type=Path, default=Path("certs"), help="where to write them (default: certs/)")
+    certs.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1", "::1"],
+                       help="names and addresses the server certificate is valid for")
+    certs.add_argument("--force", action="store_true", help="replace existing certificates")
+    certs.set_defaults(run=_certs)
     models = commands.add_parser("demo-models", help="build the demo SavedModels (cached) and print where")
     models.set_defaults(run=lambda _args: print(ensure_demo_models()) or 0)
     args = parser.parse_args(argv)

@@ -13,7 +13,13 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.certs import CertPaths, client_subject, dev_cert_paths, write_client_cert, write_dev_certs
+from gateway.certs import (
+    CertPaths,
+    client_subject,
+    dev_cert_paths,
+    write_client_cert,
+    write_dev_certs,
+)
 
 TIMEOUT = 10.0
 

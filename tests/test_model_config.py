@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from backend.flags import parse_flags
-from backend.model_config import ModelConfigError, parse_model_config, read_model_config_file, single_model
+from backend.model_config import (
+    ModelConfigError,
+    parse_model_config,
+    read_model_config_file,
+    single_model,
+)
 from backend.version_policy import VersionPolicy, versions_to_unload
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.example import example_pb2
 
 from backend.errors import InvalidArgument
 from backend.examples import serialized_examples_from_json
 from backend.servable import TensorSpec
-from backend.tensors import decode_json_object, parse_predict_inputs, predict_response, to_array
-from tensorflow.core.example import example_pb2
+from backend.tensors import (
+    decode_json_object,
+    parse_predict_inputs,
+    predict_response,
+    to_array,
+)
 
 FLOAT_ROWS = TensorSpec(tf.float32, (-1, 2))
 ANY_FLOAT = TensorSpec(tf.float32, None)
