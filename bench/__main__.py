@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from types import FrameType
 
 import bench
-from bench import rest_latency
+from bench import grpc_vs_rest, rest_latency
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=bench.__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
     rest_latency.add_command(commands)
+    grpc_vs_rest.add_command(commands)
     args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import, as the backend does
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(args.run(args))

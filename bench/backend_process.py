@@ -13,10 +13,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Self, Sequence
+from typing import Iterator, Self, Sequence
+
+from gateway.cli import demo_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -91,3 +95,13 @@ class BackendProcess:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log()[-chars:]
+
+
+@contextmanager
+def demo_backend(models_dir: Path) -> Iterator[BackendProcess]:
+    """A backend serving every demo model, as `tfgate up` does; started, not yet ready."""
+    with tempfile.TemporaryDirectory(prefix="tfgate-bench-") as workdir:
+        config = Path(workdir) / "models.config"
+        config.write_text(demo_model_config(models_dir))
+        with BackendProcess([f"--model_config_file={config}"], Path(workdir) / "backend.log") as backend:
+            yield backend

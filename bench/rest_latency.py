@@ -14,22 +14,20 @@ or failed request is counted as an error and not timed. The backend is stopped b
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import orjson
 
 from backend.demo_models import ensure_demo_models
-from bench.backend_process import BackendProcess
+from bench.backend_process import demo_backend
 from bench.closed_loop import RequestFailed, measure
-from bench.report import environment, format_ratios, format_table, ratio, write_json
+from bench.options import add_loop_options
+from bench.report import environment, format_ratios, format_table, print_errors, ratio, write_json
 from bench.rest_client import KeepAliveClient, loopback_address
-from gateway.cli import demo_model_config
 
 MODEL, VERSION = "half_plus_two", 1
 BODY = {"instances": [1.0, 2.0, 5.0]}
@@ -45,19 +43,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rest-latency.json"
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser("rest-latency", help="REST predict latency vs. the same predict in-process",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=_positive_float, default=10.0, help="measured time of each loop")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured time before each loop")
+    add_loop_options(parser, DEFAULT_OUT)
     parser.add_argument("--url", type=_loopback_url,
                         help="a running server on loopback (e.g. http://127.0.0.1:8501) instead of starting one")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default: bench/results/)")
     parser.set_defaults(run=run)
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def _loopback_url(text: str) -> str:
@@ -70,7 +59,6 @@ def _loopback_url(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the table and write the JSON; exit status 1 if any request failed."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import, as the backend does
     # TensorFlow: imported here so `--help` never pays for it.
     from backend.servable import load_servable
     from bench.in_process import json_predict_call, predict_call
@@ -78,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     models_dir = ensure_demo_models()
     body = orjson.dumps(BODY)
     with ExitStack() as stack:
-        backend = None if args.url else stack.enter_context(_demo_backend(models_dir))
+        backend = None if args.url else stack.enter_context(demo_backend(models_dir))
         url = args.url if backend is None else backend.url
         client = KeepAliveClient(url, f"/v1/models/{MODEL}/versions/{VERSION}:predict", body)
         stack.callback(client.close)
@@ -111,22 +99,11 @@ def _print_report(args: argparse.Namespace, body: bytes, results: dict[str, dict
                   ratios: dict[str, float | None]) -> None:
     print(f"\nrest-latency: {MODEL} v{VERSION}, body {body.decode()}, concurrency 1, {args.seconds:g} s per row "
           f"after {args.warmup:g} s warm-up; latency in microseconds (us)")
-    print(format_table([(LABELS[key], result) for key, result in results.items()]))
+    print(format_table([((LABELS[key],), result) for key, result in results.items()]))
     print(format_ratios("requests/s ratios", {"(a)/(b)": ratios["rest_over_in_process"],
                                               "(a)/(c)": ratios["rest_over_in_process_json"]}))
-    for key, result in results.items():
-        if result["errors"]:
-            print(f"{LABELS[key]}: {result['errors']} errors, first: {result['first_error']}", file=sys.stderr)
+    print_errors((LABELS[key], result) for key, result in results.items())
     print(f"results: {args.out}", file=sys.stderr)
-
-@contextmanager
-def _demo_backend(models_dir: Path) -> Iterator[BackendProcess]:
-    """A backend serving every demo model, as `tfgate up` does; started, not yet ready."""
-    with tempfile.TemporaryDirectory(prefix="tfgate-bench-") as workdir:
-        config = Path(workdir) / "models.config"
-        config.write_text(demo_model_config(models_dir))
-        with BackendProcess([f"--model_config_file={config}"], Path(workdir) / "backend.log") as backend:
-            yield backend
 
 
 def _check_json(data: bytes) -> None:
@@ -137,4 +114,3 @@ def _check_json(data: bytes) -> None:
 def _check_tensors(outputs: dict[str, np.ndarray]) -> None:
     if outputs["y"].tolist() != EXPECTED:
         raise RequestFailed("wrong predictions", repr(outputs))
-

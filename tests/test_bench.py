@@ -26,3 +26,23 @@ def test_rest_latency_runs_all_three_loops_without_errors(demo_models: Path, tmp
     assert report["results"]["rest"]["connections"] == 1  # one keep-alive connection for the whole run
     assert set(report["ratios"]) == {"rest_over_in_process", "rest_over_in_process_json"}
     assert "(a)/(b)" in finished.stdout
+
+
+def test_grpc_vs_rest_runs_every_case_on_both_protocols_without_errors(demo_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grpc-vs-rest.json"
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench", "grpc-vs-rest", "--seconds", "0.5", "--warmup", "0.1", "--out", str(out)],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    report = json.loads(out.read_text())
+    assert set(report["cases"]) == {"half_plus_two", "mlp_1", "mlp_32"}
+    for case, entry in report["cases"].items():
+        assert set(entry["results"]) == {"rest", "grpc"}, case
+        for protocol, result in entry["results"].items():
+            assert result["count"] > 0, (case, protocol)
+            assert result["errors"] == 0, (case, protocol, result["first_error"])
+            assert set(result["latency_us"]) == {"p50", "p90", "p99"}
+        assert entry["results"]["rest"]["connections"] == 1
+        assert set(entry["ratios"]) == {"grpc_over_rest_requests_per_s", "grpc_over_rest_p50"}
+    assert report["cases"]["mlp_32"]["input_shape"] == [32, 784]
+    assert "gRPC/REST, mlp v1, 32 rows" in finished.stdout
