@@ -41,6 +41,8 @@ class ServerFlags:
     ssl_config_file: str = ""
     enable_grpc_healthcheck_service: bool = False
     enable_serialization_as_tensor_content: bool = False
+    enable_batching: bool = False
+    batching_parameters_file: str = ""
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -70,11 +72,13 @@ _HELP: dict[str, str] = {
     "ssl_config_file": "SSLConfig text proto (PEM texts) securing the gRPC port; client_verify for mTLS",
     "enable_grpc_healthcheck_service": "serve grpc.health.v1 on the gRPC port",
     "enable_serialization_as_tensor_content": "gRPC outputs in tensor_content instead of the typed *_val fields",
+    "enable_batching": "merge concurrent requests to a signature into one TensorFlow run",
+    "batching_parameters_file": "BatchingParameters text proto; re-read with the model config",
 }
 
 # TF Serving flags that a user may pass but this server does not implement yet: named, so the error says so.
 _NOT_YET = frozenset({
-    "enable_batching", "batching_parameters_file", "grpc_channel_arguments", "grpc_socket_path",
+    "grpc_channel_arguments", "grpc_socket_path",
     "platform_config_file", "rest_api_num_threads", "enable_signature_method_name_check",
     "tensorflow_session_parallelism", "per_process_gpu_memory_fraction",
 })
@@ -153,5 +157,7 @@ def _check(flags: ServerFlags) -> None:
                  "tensorflow_inter_op_parallelism", "grace_period_s"):
         if getattr(flags, name) < 0:
             raise FlagError(f"--{name} must not be negative")
+    if flags.batching_parameters_file and not flags.enable_batching:
+        raise FlagError("--batching_parameters_file is given without --enable_batching")
     if not flags.tags:
         raise FlagError("--saved_model_tags names no tag")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
+import numpy as np
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -31,11 +32,13 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.config import model_server_config_pb2
 
 from backend import errors, inference
-from backend.deadlines import run_before_deadline
 from backend.examples import serialized_examples_from_proto
+from backend.health import Health, InFlight
+from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.model_config import ModelConfigError, configs_from_proto
 from backend.models import ModelManager
+from backend.runners import INLINE_OUTPUT_ELEMENTS, INLINE_REQUEST_BYTES, CallRunner, offload_if, output_elements
 from backend.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable
 from backend.status import model_spec, signature_def_map, status_response
 from backend.tensor_proto import to_ndarray, to_tensor_proto
@@ -54,7 +57,10 @@ class GrpcContext:
 
     manager: ModelManager
     executor: Executor
+    runner: CallRunner
     metrics: BackendMetrics
+    health: Health
+    in_flight: InFlight
     tensor_content: bool = False
 
     def resolve(self, spec: model_pb2.ModelSpec) -> Servable:
@@ -64,10 +70,16 @@ class GrpcContext:
         return self.manager.resolve(spec.name, spec.version.value if choice == "version" else None,
                                     spec.version_label if choice == "version_label" else None)
 
-    async def run(self, context: grpc.aio.ServicerContext, work: Callable[[], Response]) -> Response:
+    async def call(self, context: grpc.aio.ServicerContext, prepare: Callable[[], ModelCall], request_bytes: int,
+                   finish: Callable[[ModelCall, dict[str, np.ndarray]], Response]) -> Response:
+        """Decode and validate, run (directly or batched), encode: the heavy ends on the executor, within the
+        client's deadline."""
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        return await run_before_deadline(self.executor, deadline, work)
+        call = await offload_if(request_bytes > INLINE_REQUEST_BYTES, self.executor, deadline, prepare)
+        outputs = await self.runner.run(call, deadline)
+        return await offload_if(output_elements(outputs) > INLINE_OUTPUT_ELEMENTS, self.executor, deadline,
+                                lambda: finish(call, outputs))
 
 
 def _rpc(api: str) -> Callable[[Handler], Handler]:
@@ -78,8 +90,10 @@ def _rpc(api: str) -> Callable[[Handler], Handler]:
         async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             grpc_context: GrpcContext = self.context
             started, code, response = time.perf_counter(), grpc.StatusCode.OK, None
-            with grpc_context.metrics.in_flight(ENTRYPOINT):
+            with grpc_context.metrics.in_flight(ENTRYPOINT), grpc_context.in_flight:
                 try:
+                    if grpc_context.health.draining:
+                        raise errors.Unavailable("The server is shutting down; retry on another server")
                     response = await method(self, request, context)
                     return response
                 except errors.ServingError as error:
@@ -112,15 +126,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Predict(self, request: predict_pb2.PredictRequest,
                       context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         servable = self.context.resolve(request.model_spec)
-        return await self.context.run(context, lambda: self._predict(servable, request))
+        return await self.context.call(context, lambda: _predict_call(servable, request), request.ByteSize(),
+                                       self._predict_response)
 
-    def _predict(self, servable: Servable, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        signature = servable.signature(request.model_spec.signature_name)
-        inference.check_input_names(request.inputs.keys(), signature.inputs.keys())
-        inputs = {name: to_ndarray(name, proto, signature.inputs[name]) for name, proto in request.inputs.items()}
-        outputs = inference.predict(servable, signature.key, inputs, list(request.output_filter))
+    def _predict_response(self, call: ModelCall, outputs: dict[str, np.ndarray]) -> predict_pb2.PredictResponse:
         response = predict_pb2.PredictResponse()
-        _response_spec(response.model_spec, servable, signature.key)
+        _response_spec(response.model_spec, call.servable, call.signature.key)
         for name, value in outputs.items():
             response.outputs[name].CopyFrom(to_tensor_proto(value, self.context.tensor_content))
         return response
@@ -128,30 +139,30 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_rpc("classify")
     async def Classify(self, request: classification_pb2.ClassificationRequest,
                        context: grpc.aio.ServicerContext) -> classification_pb2.ClassificationResponse:
-        return await self._on_examples(
-            request, context, classification_pb2.ClassificationResponse(),
-            lambda servable, key, examples, result: _fill_classifications(
-                result, inference.classify(servable, key, examples)))
+        servable = self.context.resolve(request.model_spec)
+
+        def finish(call: ModelCall, outputs: dict[str, np.ndarray]) -> classification_pb2.ClassificationResponse:
+            response = classification_pb2.ClassificationResponse()
+            _fill_classifications(response.result, inference.classify_results(call, outputs))
+            _response_spec(response.model_spec, servable, call.signature.key)
+            return response
+        return await self.context.call(context, lambda: inference.classify_call(
+            servable, request.model_spec.signature_name, serialized_examples_from_proto(request.input)),
+            request.ByteSize(), finish)
 
     @_rpc("regress")
     async def Regress(self, request: regression_pb2.RegressionRequest,
                       context: grpc.aio.ServicerContext) -> regression_pb2.RegressionResponse:
-        return await self._on_examples(
-            request, context, regression_pb2.RegressionResponse(),
-            lambda servable, key, examples, result: _fill_regressions(
-                result, inference.regress(servable, key, examples)))
-
-    async def _on_examples(self, request: Any, context: grpc.aio.ServicerContext, response: Any,
-                           run_into: Callable[[Servable, str, list[bytes], Any], None]) -> Any:
-        """Classify and Regress alike: resolve, run the signature on the request's examples, fill the result."""
         servable = self.context.resolve(request.model_spec)
 
-        def work() -> Any:
-            key = servable.signature(request.model_spec.signature_name).key
-            run_into(servable, key, serialized_examples_from_proto(request.input), response.result)
-            _response_spec(response.model_spec, servable, key)
+        def finish(call: ModelCall, outputs: dict[str, np.ndarray]) -> regression_pb2.RegressionResponse:
+            response = regression_pb2.RegressionResponse()
+            _fill_regressions(response.result, inference.regress_results(call, outputs))
+            _response_spec(response.model_spec, servable, call.signature.key)
             return response
-        return await self.context.run(context, work)
+        return await self.context.call(context, lambda: inference.regress_call(
+            servable, request.model_spec.signature_name, serialized_examples_from_proto(request.input)),
+            request.ByteSize(), finish)
 
     @_rpc("multi_inference")
     async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,
@@ -171,23 +182,18 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         if duplicate is not None:
             raise errors.InvalidArgument(f"Duplicate evaluation of signature: {duplicate}")
         servable = self.context.resolve(first)
-        return await self.context.run(context, lambda: self._multi_inference(servable, request))
-
-    @staticmethod
-    def _multi_inference(servable: Servable,
-                         request: inference_pb2.MultiInferenceRequest) -> inference_pb2.MultiInferenceResponse:
         examples = serialized_examples_from_proto(request.input)
         response = inference_pb2.MultiInferenceResponse()
         for task in request.tasks:
-            key = servable.signature(task.model_spec.signature_name).key
             result = response.results.add()
-            _response_spec(result.model_spec, servable, key)
-            if task.method_name == CLASSIFY_METHOD:
-                _fill_classifications(result.classification_result, inference.classify(servable, key, examples))
-            elif task.method_name == REGRESS_METHOD:
-                _fill_regressions(result.regression_result, inference.regress(servable, key, examples))
-            else:
+            kind = _MULTI_INFERENCE_KINDS.get(task.method_name)
+            if kind is None:
                 raise errors.InvalidArgument(f"Unsupported signature method_name: {task.method_name}")
+            make_call, fill = kind
+            key = task.model_spec.signature_name
+            await self.context.call(context, lambda: make_call(servable, key, examples), request.ByteSize(),
+                                    lambda call, outputs: fill(result, call, outputs))
+            _response_spec(result.model_spec, servable, servable.signature(key).key)
         return response
 
     @_rpc("get_model_metadata")
@@ -202,6 +208,22 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec(servable))
         response.metadata["signature_def"].Pack(signature_def_map(servable))
         return response
+
+
+def _predict_call(servable: Servable, request: predict_pb2.PredictRequest) -> ModelCall:
+    signature = servable.signature(request.model_spec.signature_name)
+    inference.check_input_names(request.inputs.keys(), signature.inputs.keys())
+    inputs = {name: to_ndarray(name, proto, signature.inputs[name]) for name, proto in request.inputs.items()}
+    return inference.predict_call(servable, signature.key, inputs, list(request.output_filter))
+
+
+_MULTI_INFERENCE_KINDS: dict[str, tuple[Callable[[Servable, str, list[bytes]], ModelCall],
+                                        Callable[[inference_pb2.InferenceResult, ModelCall, Any], None]]] = {
+    CLASSIFY_METHOD: (inference.classify_call, lambda result, call, outputs: _fill_classifications(
+        result.classification_result, inference.classify_results(call, outputs))),
+    REGRESS_METHOD: (inference.regress_call, lambda result, call, outputs: _fill_regressions(
+        result.regression_result, inference.regress_results(call, outputs))),
+}
 
 
 def _fill_classifications(result: classification_pb2.ClassificationResult,

@@ -21,7 +21,7 @@ the metrics live on a private registry that is exposed through the caller's with
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 
 from prometheus_client import (
@@ -44,6 +44,8 @@ _TF_SERVING_APIS = {"predict": "Predict", "classify": "Classify", "regress": "Re
 _TF_SERVING_MICROS_BUCKETS = tuple(float(f"{10 * 1.8 ** i:.6g}") for i in range(33))
 _REQUEST_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LOAD_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_QUEUE_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _MICROS_PER_SECOND = 1e6
 
 
@@ -89,11 +91,21 @@ class BackendMetrics:
         self._versions_available = Gauge(
             "tfgate_backend_model_versions_available", "Versions of a model that serve requests now.",
             ["model"], registry=own)
+        self._batch_rows = Histogram(
+            "tfgate_backend_batch_size_rows", "Rows of real requests in each batch run (padding excluded).",
+            ["model"], buckets=_BATCH_ROWS_BUCKETS, registry=own)
+        self._batch_padding = Counter(
+            "tfgate_backend_batch_padding_rows_total", "Rows added to batches to reach an allowed batch size.",
+            ["model"], registry=own)
+        self._batch_queue_seconds = Histogram(
+            "tfgate_backend_batch_queue_seconds", "Time a request waited in its batching queue.",
+            ["model"], buckets=_QUEUE_SECONDS_BUCKETS, registry=own)
         self._registry.register(_WithoutCreated(own))
 
         self._by_model = ((self._requests, "model"), (self._request_seconds, "model"),
                           (self._load_seconds, "model"), (self._load_failures, "model"),
-                          (self._versions_available, "model"),
+                          (self._versions_available, "model"), (self._batch_rows, "model"),
+                          (self._batch_padding, "model"), (self._batch_queue_seconds, "model"),
                           (self._tf_request_count, "model_name"), (self._tf_request_latency, "model_name"))
         self._by_path = (self._tf_load_attempts, self._tf_load_latency, self._tf_warmup_latency)
         self._paths: dict[str, set[str]] = {}  # model -> version directories seen, for forget_model
@@ -134,6 +146,15 @@ class BackendMetrics:
     def observe_warmup(self, *, path: str, seconds: float) -> None:
         """A warm-up that completed; one that fails fails its load, which observe_load counts."""
         self._tf_warmup_latency.labels(path, "OK").observe(seconds * _MICROS_PER_SECOND)
+
+    def observe_batch(self, *, model: str, rows: int, padded_rows: int, queue_seconds: Sequence[float]) -> None:
+        """One batch run: its real rows, its padded size, and how long each of its requests waited."""
+        self._batch_rows.labels(model).observe(rows)
+        if padded_rows > rows:
+            self._batch_padding.labels(model).inc(padded_rows - rows)
+        waited = self._batch_queue_seconds.labels(model)
+        for seconds in queue_seconds:
+            waited.observe(seconds)
 
     def set_available_versions(self, model: str, count: int) -> None:
         self._versions_available.labels(model).set(count)

@@ -7,7 +7,8 @@ Any other /v1 path is TF Serving's 400 "Malformed request". Probes follow the KS
 no JSON parsing: GET /v2/health/live, /v2/health/ready and /v2/models/NAME[/versions/N]/ready answer 200 or 503.
 Prometheus metrics are served at the monitoring config's path. Every error is `{"error": "..."}` with TF Serving's
 status mapping; an unexpected exception is logged with its stack and reaches the client as a bare 500 message.
-JSON work and TensorFlow run on the inference executor, so the event loop only moves bytes.
+TensorFlow runs on the inference executor (directly or through the batcher); decoding and encoding run there too
+when the body or the answer is big, and on the event loop when it is small enough to cost less than the hop.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import grpc
+import numpy as np
 import orjson
 from aiohttp import web
 
 from backend import errors, inference
-from backend.deadlines import run_before_deadline
 from backend.examples import serialized_examples_from_json
 from backend.health import Health
+from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.models import ModelManager
+from backend.runners import INLINE_OUTPUT_ELEMENTS, INLINE_REQUEST_BYTES, CallRunner, offload_if, output_elements
 from backend.servable import Servable
 from backend.status import metadata_json_dict, status_response, to_json_dict
 from backend.tensors import (
@@ -72,6 +75,7 @@ class _CallLabels:
 
 MANAGER = web.AppKey("manager", ModelManager)
 EXECUTOR = web.AppKey("executor", Executor)
+RUNNER = web.AppKey("runner", CallRunner)
 OPTIONS = web.AppKey("options", RestOptions)
 METRICS = web.AppKey("metrics", BackendMetrics)
 HEALTH = web.AppKey("health", Health)
@@ -79,11 +83,12 @@ _LABELS = "tfgate.call_labels"
 ENTRYPOINT = "REST"
 
 
-def make_app(manager: ModelManager, executor: Executor, options: RestOptions, metrics: BackendMetrics,
-             health: Health) -> web.Application:
+def make_app(manager: ModelManager, executor: Executor, runner: CallRunner, options: RestOptions,
+             metrics: BackendMetrics, health: Health) -> web.Application:
     app = web.Application(client_max_size=options.max_body_bytes, middlewares=[_errors_and_metrics])
     app[MANAGER] = manager
     app[EXECUTOR] = executor
+    app[RUNNER] = runner
     app[OPTIONS] = options
     app[METRICS] = metrics
     app[HEALTH] = health
@@ -186,17 +191,31 @@ def _target(request: web.Request, match: re.Match[str], api: str) -> _Target:
     return _Target(name=match["name"], version=version, label=match["label"])
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A decoded, validated REST call, and how its answer is written."""
+
+    call: ModelCall
+    row_format: bool = False
+
+
 async def _prediction(request: web.Request, target: _Target, verb: str) -> web.Response:
     servable = request.app[MANAGER].resolve(target.name, target.version, target.label)
     request[_LABELS].version = servable.version
-    options = request.app[OPTIONS]
+    options, executor = request.app[OPTIONS], request.app[EXECUTOR]
     deadline = time.monotonic() + options.timeout_s
-    body = await request.read()
-    handler = _VERBS[verb]
-    response = await run_before_deadline(
-        request.app[EXECUTOR], deadline, lambda: handler(servable, body),
-        f"Request timed out after {options.timeout_s * 1000:.0f} ms (--rest_api_timeout_in_ms)")
-    return _json(response)
+    prepare, finish = _VERBS[verb]
+    try:
+        body = await request.read()
+        prepared = await offload_if(len(body) > INLINE_REQUEST_BYTES, executor, deadline,
+                                    lambda: prepare(servable, body))
+        outputs = await request.app[RUNNER].run(prepared.call, deadline)
+        answer = await offload_if(output_elements(outputs) > INLINE_OUTPUT_ELEMENTS, executor, deadline,
+                                  lambda: finish(prepared, outputs))
+    except errors.DeadlineExceeded:
+        raise errors.DeadlineExceeded(f"Request timed out after {options.timeout_s * 1000:.0f} ms "
+                                      "(--rest_api_timeout_in_ms)") from None
+    return _json(answer)
 
 
 def _signature_name(request: dict[str, Any]) -> str:
@@ -206,29 +225,45 @@ def _signature_name(request: dict[str, Any]) -> str:
     return name
 
 
-def _predict(servable: Servable, body: bytes) -> bytes:
+def _prepare_predict(servable: Servable, body: bytes) -> _Prepared:
     request = decode_json_object(body)
     signature_name = _signature_name(request)
-    signature = servable.signature(signature_name)
-    inputs, row_format = parse_predict_inputs(request, signature.inputs)
-    return predict_response(inference.predict(servable, signature_name, inputs), row_format)
+    inputs, row_format = parse_predict_inputs(request, servable.signature(signature_name).inputs)
+    return _Prepared(inference.predict_call(servable, signature_name, inputs), row_format)
 
 
-def _classify(servable: Servable, body: bytes) -> bytes:
+def _finish_predict(prepared: _Prepared, outputs: dict[str, np.ndarray]) -> bytes:
+    return predict_response(outputs, prepared.row_format)
+
+
+def _prepare_classify(servable: Servable, body: bytes) -> _Prepared:
     request = decode_json_object(body)
-    results = inference.classify(servable, _signature_name(request), serialized_examples_from_json(request))
+    return _Prepared(inference.classify_call(servable, _signature_name(request),
+                                             serialized_examples_from_json(request)))
+
+
+def _finish_classify(prepared: _Prepared, outputs: dict[str, np.ndarray]) -> bytes:
+    results = inference.classify_results(prepared.call, outputs)
     return encode_json({"results": [[[label.decode(errors="replace"), score] for label, score in classes]
                                     for classes in results]})
 
 
-def _regress(servable: Servable, body: bytes) -> bytes:
+def _prepare_regress(servable: Servable, body: bytes) -> _Prepared:
     request = decode_json_object(body)
-    return encode_json({"results": inference.regress(servable, _signature_name(request),
-                                                     serialized_examples_from_json(request))})
+    return _Prepared(inference.regress_call(servable, _signature_name(request),
+                                            serialized_examples_from_json(request)))
 
 
-_VERBS: dict[str, Callable[[Servable, bytes], bytes]] = {
-    "predict": _predict, "classify": _classify, "regress": _regress,
+def _finish_regress(prepared: _Prepared, outputs: dict[str, np.ndarray]) -> bytes:
+    return encode_json({"results": inference.regress_results(prepared.call, outputs)})
+
+
+_Prepare = Callable[[Servable, bytes], _Prepared]
+_Finish = Callable[[_Prepared, dict[str, np.ndarray]], bytes]
+_VERBS: dict[str, tuple[_Prepare, _Finish]] = {
+    "predict": (_prepare_predict, _finish_predict),
+    "classify": (_prepare_classify, _finish_classify),
+    "regress": (_prepare_regress, _finish_regress),
 }
 
 

@@ -22,6 +22,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from backend import errors
+from backend.batching_config import BatchingParameters
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -66,6 +67,7 @@ class Servable:
     version: int
     signature_defs: Mapping[str, meta_graph_pb2.SignatureDef]
     signatures: Mapping[str, Signature]
+    batching: BatchingParameters | None = None  # the version's own batching_params.pbtxt, if batching is on
 
     def signature(self, key: str) -> Signature:
         found = self.signatures.get(key or DEFAULT_SIGNATURE)

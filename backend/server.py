@@ -11,6 +11,7 @@ let in-flight REST and gRPC requests finish within the grace period → cancel t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -27,9 +28,16 @@ from aiohttp import web
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from backend.batcher import Batcher
+from backend.batching_config import (
+    BatchingConfigError,
+    BatchingParameters,
+    read_batching_parameters,
+    read_model_batching_parameters,
+)
 from backend.flags import ServerFlags
 from backend.grpc_service import GrpcContext, add_services
-from backend.health import Health
+from backend.health import Health, InFlight
 from backend.metrics import BackendMetrics
 from backend.model_config import (
     ModelConfig,
@@ -44,6 +52,7 @@ from backend.monitoring_config import (
     read_monitoring_config,
 )
 from backend.rest import RestOptions, make_app
+from backend.runners import CallRunner, DirectRunner
 from backend.servable import Servable, load_servable
 from backend.ssl_config import SSLConfig, SSLConfigError, read_ssl_config
 from backend.warmup import run_warmup
@@ -65,6 +74,7 @@ class _Settings:
     models: tuple[ModelConfig, ...]
     prometheus: PrometheusSettings
     ssl: SSLConfig | None
+    batching: BatchingParameters | None  # None: batching is off
 
 
 def _read_settings(flags: ServerFlags) -> _Settings:
@@ -73,9 +83,22 @@ def _read_settings(flags: ServerFlags) -> _Settings:
         prometheus = (read_monitoring_config(flags.monitoring_config_file) if flags.monitoring_config_file
                       else PrometheusSettings(enabled=False, path=""))
         ssl = read_ssl_config(flags.ssl_config_file) if flags.ssl_config_file else None
-    except (ModelConfigError, MonitoringConfigError, SSLConfigError) as error:
+        batching = _batching_parameters(flags)
+    except (ModelConfigError, MonitoringConfigError, SSLConfigError, BatchingConfigError) as error:
         raise StartupError(str(error)) from None
-    return _Settings(models=models, prometheus=prometheus, ssl=ssl)
+    return _Settings(models=models, prometheus=prometheus, ssl=ssl, batching=batching)
+
+
+def _batching_parameters(flags: ServerFlags) -> BatchingParameters | None:
+    if not flags.enable_batching:
+        return None
+    if not flags.batching_parameters_file:
+        return BatchingParameters()
+    parameters = read_batching_parameters(flags.batching_parameters_file)
+    if parameters.ignored_fields:
+        log.warning("%s: tfgate ignores these batching fields: %s", flags.batching_parameters_file,
+                    ", ".join(parameters.ignored_fields))
+    return parameters
 
 
 def _configure_tensorflow(flags: ServerFlags) -> tf.compat.v1.ConfigProto:
@@ -93,6 +116,8 @@ def _loader(flags: ServerFlags, metrics: BackendMetrics) -> Callable[[str, int, 
         started = time.perf_counter()
         try:
             servable = load_servable(name, version, path, flags.tags, session_config)
+            if flags.enable_batching:
+                servable = dataclasses.replace(servable, batching=read_model_batching_parameters(path))
             if flags.enable_model_warmup:
                 warmup_started = time.perf_counter()
                 if run_warmup(servable, path):
@@ -126,14 +151,20 @@ async def serve(flags: ServerFlags) -> None:
         manager = ModelManager(_loader(flags, metrics), load_executor, policy, observer=metrics)
         if not await _load_initial_models(manager, settings.models, flags, stop):
             return
+        runner: CallRunner = DirectRunner(inference_executor)
+        batcher = None
+        if settings.batching is not None:
+            runner = batcher = Batcher(settings.batching, inference_executor, metrics)
+            stack.push_async_callback(batcher.close)
         tasks = [asyncio.create_task(_poll_file_system(manager, flags.file_system_poll_wait_seconds))]
         if flags.model_config_file and flags.model_config_file_poll_wait_seconds > 0:
-            tasks.append(asyncio.create_task(_poll_config(manager, flags)))
+            tasks.append(asyncio.create_task(_poll_config(manager, flags, batcher)))
         stack.push_async_callback(_cancel_all, tasks)
 
-        health = Health(manager)
-        grpc_server, health_service = await _start_grpc(flags, settings, manager, inference_executor, metrics)
-        runner = await _start_rest(flags, settings, manager, inference_executor, metrics, health)
+        health, grpc_calls = Health(manager), InFlight()
+        grpc_server, health_service = await _start_grpc(flags, settings, manager, inference_executor, runner,
+                                                         metrics, health, grpc_calls)
+        web_runner = await _start_rest(flags, settings, manager, inference_executor, runner, metrics, health)
         log.info("serving models: %s", ", ".join(manager.model_names()))
         await stop.wait()
 
@@ -141,19 +172,30 @@ async def serve(flags: ServerFlags) -> None:
         health.draining = True
         if health_service is not None:
             await health_service.enter_graceful_shutdown()
-        await asyncio.gather(*([grpc_server.stop(flags.grace_period_s)] if grpc_server is not None else []),
-                             *([runner.cleanup()] if runner is not None else []))
+        await asyncio.gather(*([_drain_grpc(grpc_server, grpc_calls, flags.grace_period_s)]
+                               if grpc_server is not None else []),
+                             *([web_runner.cleanup()] if web_runner is not None else []))
         log.info("drained; exiting")
 
 
+async def _drain_grpc(server: grpc.aio.Server, calls: InFlight, grace_s: float) -> None:
+    """Let accepted calls finish (new ones are refused with UNAVAILABLE meanwhile), then stop the server."""
+    started = time.monotonic()
+    if not await calls.wait_idle(grace_s):
+        log.warning("gRPC calls still running after the %gs grace period are cancelled", grace_s)
+    await server.stop(max(0.0, grace_s - (time.monotonic() - started)))
+
+
 async def _start_grpc(flags: ServerFlags, settings: _Settings, manager: ModelManager, executor: ThreadPoolExecutor,
-                      metrics: BackendMetrics) -> tuple[grpc.aio.Server | None, grpc_health.aio.HealthServicer | None]:
+                      runner: CallRunner, metrics: BackendMetrics, health: Health, calls: InFlight
+                      ) -> tuple[grpc.aio.Server | None, grpc_health.aio.HealthServicer | None]:
     if not flags.port:
         return None, None
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)])
-    add_services(server, GrpcContext(manager=manager, executor=executor, metrics=metrics,
+    add_services(server, GrpcContext(manager=manager, executor=executor, runner=runner, metrics=metrics,
+                                     health=health, in_flight=calls,
                                      tensor_content=flags.enable_serialization_as_tensor_content))
     health_service = None
     if flags.enable_grpc_healthcheck_service:
@@ -172,17 +214,17 @@ async def _start_grpc(flags: ServerFlags, settings: _Settings, manager: ModelMan
 
 
 async def _start_rest(flags: ServerFlags, settings: _Settings, manager: ModelManager, executor: ThreadPoolExecutor,
-                      metrics: BackendMetrics, health: Health) -> web.AppRunner | None:
+                      runner: CallRunner, metrics: BackendMetrics, health: Health) -> web.AppRunner | None:
     if not flags.rest_api_port:
         return None
     options = RestOptions(timeout_s=flags.rest_api_timeout_in_ms / 1000, max_body_bytes=flags.rest_api_max_body_bytes,
                           metrics_path=settings.prometheus.path if settings.prometheus.enabled else None)
-    runner = web.AppRunner(make_app(manager, executor, options, metrics, health), access_log=None,
-                           shutdown_timeout=flags.grace_period_s)
-    await runner.setup()
-    await web.TCPSite(runner, flags.bind_address, flags.rest_api_port, reuse_address=True).start()
+    web_runner = web.AppRunner(make_app(manager, executor, runner, options, metrics, health), access_log=None,
+                               shutdown_timeout=flags.grace_period_s)
+    await web_runner.setup()
+    await web.TCPSite(web_runner, flags.bind_address, flags.rest_api_port, reuse_address=True).start()
     log.info("Exporting HTTP/REST API at:%s:%d ...", flags.bind_address, flags.rest_api_port)
-    return runner
+    return web_runner
 
 
 async def _load_initial_models(manager: ModelManager, models: tuple[ModelConfig, ...], flags: ServerFlags,
@@ -219,21 +261,27 @@ async def _poll_file_system(manager: ModelManager, interval_s: int) -> None:
             log.exception("file system poll failed")
 
 
-async def _poll_config(manager: ModelManager, flags: ServerFlags) -> None:
-    path = Path(flags.model_config_file)
-    last = path.read_bytes()
+async def _poll_config(manager: ModelManager, flags: ServerFlags, batcher: Batcher | None) -> None:
+    """Re-read the model config (and the batching parameters, which reload with it) when either file changes."""
+    watched = [Path(flags.model_config_file)]
+    if batcher is not None and flags.batching_parameters_file:
+        watched.append(Path(flags.batching_parameters_file))
+    last = [path.read_bytes() for path in watched]
     while True:
         await asyncio.sleep(flags.model_config_file_poll_wait_seconds)
         try:
-            current = path.read_bytes()
+            current = [path.read_bytes() for path in watched]
             if current == last:
                 continue
             last = current
-            configs = read_model_config_file(path)
-        except (OSError, ModelConfigError) as error:
-            log.error("model config %s not applied, keeping the current one: %s", path, error)
+            configs = read_model_config_file(watched[0])
+            batching = _batching_parameters(flags)
+        except (OSError, ModelConfigError, BatchingConfigError) as error:
+            log.error("config not applied, keeping the current one: %s", error)
             continue
-        log.info("model config %s changed: applying it", path)
+        log.info("model config %s or batching parameters changed: applying them", watched[0])
+        if batcher is not None and batching is not None:
+            batcher.configure(batching)
         await manager.apply(configs)
 
 

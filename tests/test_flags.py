@@ -33,7 +33,8 @@ def test_equals_and_space_forms_and_bools() -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["--model_base_path=/m", "--no_such_flag=1"], "unknown flag --no_such_flag"),
-    (["--model_base_path=/m", "--enable_batching"], "does not support yet"),
+    (["--model_base_path=/m", "--grpc_socket_path=/s"], "does not support yet"),
+    (["--model_base_path=/m", "--batching_parameters_file=/b"], "without --enable_batching"),
     (["--model_base_path=/m", "--port=abc"], "bad value for --port"),
     (["--model_base_path=/m", "--enable_model_warmup=maybe"], "bad value for --enable_model_warmup"),
     (["--model_base_path=/m", "--model_config_file=/c"], "both given"),
