@@ -161,15 +161,16 @@ async def serve(flags: ServerFlags) -> None:
             tasks.append(asyncio.create_task(_poll_config(manager, flags, batcher)))
         stack.push_async_callback(_cancel_all, tasks)
 
-        health, grpc_calls = Health(manager), InFlight()
-        grpc_server, health_service = await _start_grpc(flags, settings, manager, inference_executor, runner,
-                                                         metrics, health, grpc_calls)
-        web_runner = await _start_rest(flags, settings, manager, inference_executor, runner, metrics, health)
+        core = _Core(manager=manager, executor=inference_executor, runner=runner, metrics=metrics,
+                     health=Health(manager))
+        grpc_calls = InFlight()
+        grpc_server, health_service = await _start_grpc(flags, settings, core, grpc_calls)
+        web_runner = await _start_rest(flags, settings, core)
         log.info("serving models: %s", ", ".join(manager.model_names()))
         await stop.wait()
 
         log.info("shutting down: not ready; draining in-flight requests (grace %gs)", flags.grace_period_s)
-        health.draining = True
+        core.health.draining = True
         if health_service is not None:
             await health_service.enter_graceful_shutdown()
         await asyncio.gather(*([_drain_grpc(grpc_server, grpc_calls, flags.grace_period_s)]
@@ -186,16 +187,26 @@ async def _drain_grpc(server: grpc.aio.Server, calls: InFlight, grace_s: float) 
     await server.stop(max(0.0, grace_s - (time.monotonic() - started)))
 
 
-async def _start_grpc(flags: ServerFlags, settings: _Settings, manager: ModelManager, executor: ThreadPoolExecutor,
-                      runner: CallRunner, metrics: BackendMetrics, health: Health, calls: InFlight
+@dataclass(frozen=True, slots=True)
+class _Core:
+    """What both APIs serve from."""
+
+    manager: ModelManager
+    executor: ThreadPoolExecutor
+    runner: CallRunner
+    metrics: BackendMetrics
+    health: Health
+
+
+async def _start_grpc(flags: ServerFlags, settings: _Settings, core: _Core, calls: InFlight
                       ) -> tuple[grpc.aio.Server | None, grpc_health.aio.HealthServicer | None]:
     if not flags.port:
         return None, None
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)])
-    add_services(server, GrpcContext(manager=manager, executor=executor, runner=runner, metrics=metrics,
-                                     health=health, in_flight=calls,
+    add_services(server, GrpcContext(manager=core.manager, executor=core.executor, runner=core.runner,
+                                     metrics=core.metrics, health=core.health, in_flight=calls,
                                      tensor_content=flags.enable_serialization_as_tensor_content))
     health_service = None
     if flags.enable_grpc_healthcheck_service:
@@ -213,14 +224,13 @@ async def _start_grpc(flags: ServerFlags, settings: _Settings, manager: ModelMan
     return server, health_service
 
 
-async def _start_rest(flags: ServerFlags, settings: _Settings, manager: ModelManager, executor: ThreadPoolExecutor,
-                      runner: CallRunner, metrics: BackendMetrics, health: Health) -> web.AppRunner | None:
+async def _start_rest(flags: ServerFlags, settings: _Settings, core: _Core) -> web.AppRunner | None:
     if not flags.rest_api_port:
         return None
     options = RestOptions(timeout_s=flags.rest_api_timeout_in_ms / 1000, max_body_bytes=flags.rest_api_max_body_bytes,
                           metrics_path=settings.prometheus.path if settings.prometheus.enabled else None)
-    web_runner = web.AppRunner(make_app(manager, executor, runner, options, metrics, health), access_log=None,
-                               shutdown_timeout=flags.grace_period_s)
+    app = make_app(core.manager, core.executor, core.runner, options, core.metrics, core.health)
+    web_runner = web.AppRunner(app, access_log=None, shutdown_timeout=flags.grace_period_s)
     await web_runner.setup()
     await web.TCPSite(web_runner, flags.bind_address, flags.rest_api_port, reuse_address=True).start()
     log.info("Exporting HTTP/REST API at:%s:%d ...", flags.bind_address, flags.rest_api_port)
