@@ -9,7 +9,7 @@ import sys
 from types import FrameType
 
 import bench
-from bench import grpc_vs_rest, rest_latency
+from bench import backend_efficiency, grpc_vs_rest, load_command, rest_latency
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
     rest_latency.add_command(commands)
     grpc_vs_rest.add_command(commands)
+    load_command.add_command(commands)
+    backend_efficiency.add_command(commands)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import, as the backend does
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -1,10 +1,11 @@
-"""A `python -m backend` subprocess on free loopback ports, for benchmarks that need a real server.
+"""A server subprocess on free loopback ports, for benchmarks that need a real one: `python -m backend`, or any
+`python -m MODULE` that serves HTTP on the port it is given (bench.keras_baseline).
 
 Guarantee: leaving the `with` block ends the process — SIGTERM, then SIGKILL after a grace period — whether the
 block finished, raised, or was interrupted by Ctrl-C (a second Ctrl-C while waiting skips to the kill). The child
-runs in its own session, so a terminal's Ctrl-C reaches only the benchmark, which then stops the backend in order
-instead of both racing to shut down. The backend opens its ports only once every configured model is loaded, so
-an accepted TCP connection means ready.
+runs in its own session, so a terminal's Ctrl-C reaches only the benchmark, which then stops the server in order
+instead of both racing to shut down. The servers open their ports only once every model is loaded, so an accepted
+TCP connection means ready; a server that exits first raises ServerExited, with its log.
 """
 
 from __future__ import annotations
@@ -32,12 +33,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class BackendProcess:
-    def __init__(self, flags: Sequence[str], log_path: Path, stop_grace_s: float = 15.0) -> None:
-        self.rest_port = free_port()
-        self.grpc_port = free_port()
-        self._command = [sys.executable, "-m", "backend", f"--port={self.grpc_port}",
-                         f"--rest_api_port={self.rest_port}", f"--bind_address={HOST}", *flags]
+class ServerExited(RuntimeError):
+    """The server process ended before it was ready; `log` is everything it wrote."""
+
+    def __init__(self, message: str, log: str) -> None:
+        super().__init__(message)
+        self.log = log
+
+
+class ServerProcess:
+    """`python -m MODULE ARGS...`, a server whose arguments include the REST port chosen for it (`rest_port`)."""
+
+    def __init__(self, module: str, args: Sequence[str], rest_port: int, log_path: Path,
+                 stop_grace_s: float = 15.0) -> None:
+        self.module = module
+        self.rest_port = rest_port
+        self._command = [sys.executable, "-m", module, *args]
         self._log_path = log_path
         self._stop_grace_s = stop_grace_s
         self.process: subprocess.Popen[bytes] | None = None
@@ -62,17 +73,18 @@ class BackendProcess:
         self.stop()
 
     def wait_ready(self, timeout_s: float = 120.0) -> Self:
-        assert self.process is not None, "use BackendProcess as a context manager"
+        assert self.process is not None, "start() it first, or use it as a context manager"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"backend exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise ServerExited(f"{self.module} exited with {self.process.returncode}:\n{self.log_tail()}",
+                                   self.log())
             try:
                 with socket.create_connection((HOST, self.rest_port), timeout=0.5):
                     return self
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"backend not ready after {timeout_s:g} s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.module} not ready after {timeout_s:g} s:\n{self.log_tail()}")
 
     def stop(self) -> int | None:
         """Stop the process (if started) and return its exit code."""
@@ -95,6 +107,15 @@ class BackendProcess:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log()[-chars:]
+
+
+class BackendProcess(ServerProcess):
+    """`python -m backend` with `flags`, on free loopback ports for REST and gRPC."""
+
+    def __init__(self, flags: Sequence[str], log_path: Path, stop_grace_s: float = 15.0) -> None:
+        rest_port, self.grpc_port = free_port(), free_port()
+        super().__init__("backend", [f"--port={self.grpc_port}", f"--rest_api_port={rest_port}",
+                                     f"--bind_address={HOST}", *flags], rest_port, log_path, stop_grace_s)
 
 
 @contextmanager

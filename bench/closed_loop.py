@@ -15,15 +15,6 @@ from bench.latency import LatencyRecorder
 from bench.progress import Progress
 
 
-class RequestFailed(Exception):
-    """A response that arrived but was wrong: `kind` is what the report counts, `detail` what it shows once."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
-
-
 def run_closed_loop(request: Callable[[], None], seconds: float, progress: Progress) -> LatencyRecorder:
     recorder = LatencyRecorder()
     clock = time.perf_counter_ns
@@ -32,18 +23,14 @@ def run_closed_loop(request: Callable[[], None], seconds: float, progress: Progr
     next_update = start + progress.interval_ns
     while now < deadline:
         begin = clock()  # not `now`: a progress write since then must not count as latency
-        failure: tuple[str, str] | None = None
         try:
             request()
-        except RequestFailed as error:
-            failure = (error.kind, error.detail)
         except Exception as error:  # counted, not raised: see the module docstring
-            failure = (type(error).__name__, str(error))
-        now = clock()
-        if failure is None:
-            recorder.record(now - begin)
+            now = clock()
+            recorder.record_failure(error)
         else:
-            recorder.record_error(*failure)
+            now = clock()
+            recorder.record(now - begin)
         if next_update <= now < deadline:  # the last line is done()'s
             progress.update((now - start) / 1e9, recorder.count, recorder.error_count)
             next_update = now + progress.interval_ns

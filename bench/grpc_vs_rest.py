@@ -27,8 +27,8 @@ import orjson
 from backend.demo_models import ensure_demo_models
 from bench import rest_latency
 from bench.backend_process import HOST, demo_backend
-from bench.closed_loop import RequestFailed, measure
-from bench.latency import LatencyRecorder
+from bench.closed_loop import measure
+from bench.latency import LatencyRecorder, RequestFailed
 from bench.options import add_loop_options
 from bench.report import environment, format_ratios, format_table, print_errors, ratio, write_json
 from bench.rest_client import KeepAliveClient

@@ -6,32 +6,57 @@ import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
-
-_COLUMNS = (("requests/s", 12), ("p50 us", 10), ("p90 us", 10), ("p99 us", 10), ("count", 10), ("errors", 8))
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
-def format_table(rows: Sequence[tuple[Sequence[str], Mapping[str, Any]]], headers: Sequence[str] = ("",)) -> str:
-    """One line per `LatencyRecorder.summary()`, after its labels (one column per header); latencies in
-    microseconds, as the headers say."""
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A right-aligned table column: its title, width and how to print it from one result summary."""
+
+    title: str
+    width: int
+    cell: Callable[[Mapping[str, Any]], str]
+
+
+def latency_column(key: str, unit: str = "us", width: int = 10) -> Column:
+    """One latency percentile (`latency_us[key]`), printed in microseconds or milliseconds."""
+    scale, decimals = (1.0, 1) if unit == "us" else (1e3, 2)
+
+    def cell(summary: Mapping[str, Any]) -> str:
+        value = summary["latency_us"][key]
+        return number(None if value is None else value / scale, decimals)
+
+    return Column(f"{key} {unit}", width, cell)
+
+
+LATENCY_COLUMNS = (
+    Column("requests/s", 12, lambda summary: number(summary["requests_per_s"])),
+    *(latency_column(key) for key in ("p50", "p90", "p99")),
+    Column("count", 10, lambda summary: str(summary["count"])),
+    Column("errors", 8, lambda summary: str(summary["errors"])),
+)
+
+
+def format_table(rows: Sequence[tuple[Sequence[str], Mapping[str, Any]]], headers: Sequence[str] = ("",),
+                 columns: Sequence[Column] = LATENCY_COLUMNS) -> str:
+    """One line per result summary (`LatencyRecorder.summary()` and what a benchmark adds), after its labels (one
+    left-aligned column per header)."""
     widths = [max(len(header), *(len(labels[i]) for labels, _ in rows)) + 2 for i, header in enumerate(headers)]
     lines = ["".join(header.ljust(width) for header, width in zip(headers, widths))
-             + "".join(name.rjust(size) for name, size in _COLUMNS)]
+             + "".join(column.title.rjust(column.width) for column in columns)]
     for labels, summary in rows:
-        latency = summary["latency_us"]
-        cells = [_number(summary["requests_per_s"]), *(_number(latency[key]) for key in ("p50", "p90", "p99")),
-                 str(summary["count"]), str(summary["errors"])]
         lines.append("".join(label.ljust(width) for label, width in zip(labels, widths))
-                     + "".join(cell.rjust(size) for cell, (_, size) in zip(cells, _COLUMNS)))
+                     + "".join(column.cell(summary).rjust(column.width) for column in columns))
     return "\n".join(lines)
 
 
 def format_ratios(title: str, ratios: Mapping[str, float | None]) -> str:
-    return f"{title}: " + ", ".join(f"{name} = {_number(value, 3)}" for name, value in ratios.items())
+    return f"{title}: " + ", ".join(f"{name} = {number(value, 3)}" for name, value in ratios.items())
 
 
-def _number(value: float | None, decimals: int = 1) -> str:
+def number(value: float | None, decimals: int = 1) -> str:
     return "-" if value is None else f"{value:.{decimals}f}"
 
 

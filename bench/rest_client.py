@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+from typing import Sequence
 from urllib.parse import urlsplit
 
-from bench.closed_loop import RequestFailed
+from bench.latency import RequestFailed
 
 _HEADERS = {"Content-Type": "application/json"}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def loopback_address(url: str) -> tuple[str, int]:
-    """Host and port of an http:// URL on this machine; anything else is refused, since a load generator aimed at
-    someone else's server is an attack, not a benchmark."""
+def loopback_address(url: str, schemes: Sequence[str] = ("http",)) -> tuple[str, int]:
+    """Host and port of a URL on this machine with one of `schemes`; anything else is refused, since a load
+    generator aimed at someone else's server is an attack, not a benchmark."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     is_loopback = host == "localhost" or _is_loopback_ip(host)
-    if parts.scheme != "http" or not is_loopback or parts.path.strip("/"):
-        raise ValueError(f"expected http://127.0.0.1:PORT (loopback only, no path), got {url!r}")
-    return host, parts.port or 80
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    if parts.scheme not in schemes or not is_loopback or parts.path.strip("/") or port is None:
+        raise ValueError(f"expected {'|'.join(schemes)}://127.0.0.1:PORT (loopback only, no path), got {url!r}")
+    return host, port
 
 
 def _is_loopback_ip(host: str) -> bool:

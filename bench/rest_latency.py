@@ -24,10 +24,11 @@ import orjson
 
 from backend.demo_models import ensure_demo_models
 from bench.backend_process import demo_backend
-from bench.closed_loop import RequestFailed, measure
-from bench.options import add_loop_options
+from bench.closed_loop import measure
+from bench.latency import RequestFailed
+from bench.options import add_loop_options, loopback_url
 from bench.report import environment, format_ratios, format_table, print_errors, ratio, write_json
-from bench.rest_client import KeepAliveClient, loopback_address
+from bench.rest_client import KeepAliveClient
 
 MODEL, VERSION = "half_plus_two", 1
 BODY = {"instances": [1.0, 2.0, 5.0]}
@@ -44,17 +45,9 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser = commands.add_parser("rest-latency", help="REST predict latency vs. the same predict in-process",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_loop_options(parser, DEFAULT_OUT)
-    parser.add_argument("--url", type=_loopback_url,
+    parser.add_argument("--url", type=loopback_url("http"),
                         help="a running server on loopback (e.g. http://127.0.0.1:8501) instead of starting one")
     parser.set_defaults(run=run)
-
-
-def _loopback_url(text: str) -> str:
-    try:
-        loopback_address(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text.rstrip("/")
 
 
 def run(args: argparse.Namespace) -> int:

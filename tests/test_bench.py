@@ -1,23 +1,86 @@
 """The benchmarks run end to end: a real backend subprocess, real requests, results on disk. Timings are never
-asserted (they depend on the machine); only that every loop ran, nothing failed and the report is complete."""
+asserted (they depend on the machine); only that every loop ran, nothing failed and the report is complete. The
+histogram and the HTTP response parser are plain code, tested directly."""
 
 from __future__ import annotations
 
 import json
+import math
+import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
-from bench.backend_process import REPO
+import pytest
+
+from bench.backend_process import REPO, BackendProcess
+from bench.histogram import SUB_BUCKET_BITS, Histogram, bucket_bounds, bucket_index
+from bench.http_connection import parse_head
+from bench.latency import RequestFailed
+
+PERCENTILE_KEYS = {"p50", "p90", "p99", "p99.9"}
 
 
-def run_bench(scenario: str, out: Path, seconds: str) -> tuple[str, dict]:
+def run_bench(scenario: str, out: Path, seconds: str, *args: str, warmup: str = "0.1") -> tuple[str, dict]:
     """Run one benchmark as a user would; return what it printed and the report it wrote."""
     finished = subprocess.run(
-        [sys.executable, "-m", "bench", scenario, "--seconds", seconds, "--warmup", "0.1", "--out", str(out)],
-        check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "bench", scenario, "--seconds", seconds, "--warmup", warmup, "--out", str(out), *args],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     return finished.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("value", [0, 1, 255, 256, 257, 511, 512, 1000, 123_456, 10**9, 2**40 + 12345, 2**63])
+def test_every_value_lands_in_a_bucket_that_contains_it_and_is_under_one_percent_wide(value: int) -> None:
+    low, high = bucket_bounds(bucket_index(value))
+    assert low <= value <= high
+    assert high - low <= max(value, 1) * 2 ** (1 - SUB_BUCKET_BITS)
+
+
+def test_buckets_are_contiguous_and_ordered() -> None:
+    previous_high = -1
+    for index in range(20 * 2 ** SUB_BUCKET_BITS):
+        low, high = bucket_bounds(index)
+        assert low == previous_high + 1 and high >= low
+        previous_high = high
+
+
+def test_percentiles_are_within_the_bucket_error_of_the_exact_ones() -> None:
+    rng = random.Random(7)
+    samples = [int(rng.lognormvariate(14, 1.2)) for _ in range(20_000)]  # ~1 ms median, long tail, in ns
+    histogram = Histogram()
+    for sample in samples:
+        histogram.record(sample)
+    ordered = sorted(samples)
+    for percent in (50, 90, 99, 99.9):
+        exact = ordered[max(1, math.ceil(percent / 100 * len(ordered))) - 1]
+        assert histogram.percentile(percent) == pytest.approx(exact, rel=2 ** -SUB_BUCKET_BITS)
+    assert histogram.percentile(100) == max(samples) and histogram.count == len(samples)
+
+
+def test_an_empty_histogram_has_no_percentiles_and_small_values_are_exact() -> None:
+    histogram = Histogram()
+    assert histogram.percentile(50) is None
+    for value in (3, 5, 7, -2):
+        histogram.record(value)
+    assert [histogram.percentile(p) for p in (25, 50, 75, 100)] == [0, 3, 5, 7]
+
+
+@pytest.mark.parametrize("head, expected", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n", (200, 12, False)),
+    (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nConnection: close\r\n\r\n", (404, 0, True)),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n", (200, 3, True)),
+])
+def test_a_response_head_gives_status_length_and_whether_the_server_closes(head: bytes, expected: tuple) -> None:
+    assert parse_head(head) == expected
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                  b"HTTP/1.1 200 OK\r\n\r\n", b"garbage\r\n\r\n"])
+def test_a_response_the_generator_cannot_read_by_length_is_a_failure(head: bytes) -> None:
+    with pytest.raises(RequestFailed):
+        parse_head(head)
 
 
 def test_rest_latency_runs_all_three_loops_without_errors(demo_models: Path, tmp_path: Path) -> None:
@@ -26,7 +89,7 @@ def test_rest_latency_runs_all_three_loops_without_errors(demo_models: Path, tmp
     for name, result in report["results"].items():
         assert result["count"] > 0, name
         assert result["errors"] == 0, (name, result["first_error"])
-        assert set(result["latency_us"]) == {"p50", "p90", "p99"}
+        assert set(result["latency_us"]) == PERCENTILE_KEYS
     assert report["results"]["rest"]["connections"] == 1  # one keep-alive connection for the whole run
     assert set(report["ratios"]) == {"rest_over_in_process", "rest_over_in_process_json"}
     assert "(a)/(b)" in printed
@@ -40,8 +103,66 @@ def test_grpc_vs_rest_runs_every_case_on_both_protocols_without_errors(demo_mode
         for protocol, result in entry["results"].items():
             assert result["count"] > 0, (case, protocol)
             assert result["errors"] == 0, (case, protocol, result["first_error"])
-            assert set(result["latency_us"]) == {"p50", "p90", "p99"}
+            assert set(result["latency_us"]) == PERCENTILE_KEYS
         assert entry["results"]["rest"]["connections"] == 1
         assert set(entry["ratios"]) == {"grpc_over_rest_requests_per_s", "grpc_over_rest_p50"}
     assert report["cases"]["mlp_32"]["input_shape"] == [32, 784]
     assert "gRPC/REST, mlp v1, 32 rows" in printed
+
+
+@pytest.fixture(scope="module")
+def mlp_backend(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendProcess]:
+    log = tmp_path_factory.mktemp("load") / "backend.log"
+    with BackendProcess(["--model_name=mlp", f"--model_base_path={demo_models / 'mlp'}"], log) as backend:
+        yield backend.wait_ready()
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_load_runs_a_closed_and_an_open_loop_without_errors(mlp_backend: BackendProcess, protocol: str,
+                                                            tmp_path: Path) -> None:
+    url = mlp_backend.url if protocol == "rest" else f"grpc://127.0.0.1:{mlp_backend.grpc_port}"
+    out = tmp_path / "load.json"
+    printed, report = run_bench("load", out, "0.5", "--url", url, "--model", "mlp", "--rows", "2",
+                                "--concurrency", "3", "--rate", "40", "--max-in-flight", "4")
+    assert report["target"]["protocol"] == ("REST" if protocol == "rest" else "gRPC")
+    assert report["target"]["rows"] == 2
+    closed, open_ = report["runs"]
+    assert (closed["mode"], closed["concurrency"], open_["mode"], open_["rate"]) == ("closed", 3, "open", 40)
+    for run in report["runs"]:
+        assert run["count"] > 0 and run["errors"] == 0, run["first_error"]
+        assert set(run["latency_us"]) == PERCENTILE_KEYS
+        assert run["rows_per_s"] == 2 * run["requests_per_s"]
+        assert 0 <= run["generator_cpu"]
+    assert closed["connections"] == (3 if protocol == "rest" else 1)  # keep-alive held; gRPC: one channel
+    assert set(open_["send_lag_us"]) == PERCENTILE_KEYS and "unsent" in open_
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "open loop, 40/s, at most 4 in flight" in printed
+
+
+def test_load_drives_a_plain_get_path(mlp_backend: BackendProcess, tmp_path: Path) -> None:
+    _, report = run_bench("load", tmp_path / "health.json", "0.3", "--url", mlp_backend.url,
+                          "--path", "/v2/health/live", "--concurrency", "2")
+    (run,) = report["runs"]
+    assert report["target"]["method"] == "GET" and run["count"] > 0 and run["errors"] == 0
+
+
+def test_backend_efficiency_quick_measures_every_part_or_says_why_not(demo_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "backend-efficiency.json"
+    # No warm-up: the Keras baseline takes seconds to drain one, and timings are not checked here.
+    printed, report = run_bench("backend-efficiency", out, "0.5", "--quick", warmup="0")
+    keys = {(result["part"], result["key"]) for result in report["results"]}
+    predicts = {"rest_1x64", "grpc_1x64"}
+    assert {("a", "batch_1"), ("a", "batch_64"), ("d", "rest_1x64"), ("e", "health_0x64")} <= keys
+    assert {("c", key) for key in predicts} <= keys
+    if "b" in report["skipped"]:  # until the backend implements --enable_batching
+        assert "does not support yet" in report["skipped"]["b"] and "(b) batching: skipped" in printed
+    else:
+        assert {("b", key) for key in predicts} <= keys
+        assert set(report["ratios"]["b_over_d_requests_per_s"]) == {"rest_1x64"}
+    for result in report["results"]:
+        assert result["count"] > 0 and result["errors"] == 0, (result["label"], result["first_error"])
+        assert set(result["latency_us"]) == PERCENTILE_KEYS
+    assert report["ceiling"]["key"] in {"batch_1", "batch_64"}
+    assert set(report["ratios"]["c_over_d_requests_per_s"]) == {"rest_1x64"}
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "vs (a)" in printed and "(c)/(d) requests/s" in printed

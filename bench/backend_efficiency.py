@@ -1,0 +1,239 @@
+"""`backend-efficiency`: how much of TensorFlow's own throughput the tfgate backend delivers, with and without
+batching, against a hand-written Keras server, all on the demo `mlp` (784→1024→1024→10) in one run.
+
+  (a) in-process   backend.inference.predict on the loaded signature at batch sizes 1…256: the best rows/s is
+                   the ceiling every other row is divided by ("vs (a)")
+  (b) batching     `python -m backend --enable_batching` with --batching-parameters (default: max_batch_size 64,
+                   batch_timeout_micros 2000, num_batch_threads 2): 64 concurrent 1-row requests, and 32 concurrent
+                   8-row requests, each over REST and gRPC
+  (c) no batching  the same backend and loads without --enable_batching
+  (d) Keras        bench.keras_baseline (aiohttp + `model.predict` per request), the same REST loads
+  (e) generator    the REST load generator against the backend's GET /v2/health/live: its own ceiling in
+                   requests/s, so a row near it is limited by the client, not the server
+Loads are closed loops from bench.load (REST: one keep-alive connection per request in flight; gRPC: one channel),
+each --seconds after --warmup; servers run one at a time on loopback and are always stopped. A backend that
+refuses --enable_batching at start ("does not support yet") makes (b) a skipped part, with that reason. --quick
+measures fewer parts (batch sizes 1 and 64; 1-row loads only), for tests. Also printed: (b)/(d) in requests/s,
+and "gen CPU", the load generator's own share of one core during each row (it shares the 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from backend.demo_models import ensure_demo_models
+from bench.backend_process import HOST, BackendProcess, ServerExited, ServerProcess, free_port
+from bench.closed_loop import measure
+from bench.latency import RequestFailed
+from bench.load import Load, run_load
+from bench.options import add_loop_options
+from bench.plot import plot_latency
+from bench.report import (
+    Column,
+    environment,
+    format_ratios,
+    format_table,
+    latency_column,
+    number,
+    print_errors,
+    ratio,
+    write_json,
+)
+from bench.targets import RestTarget, Target, grpc_predict, rest_predict, seeded_rows
+
+MODEL, VERSION, INPUT, FEATURES, CLASSES = "mlp", 1, "x", 784, 10  # backend/demo_models.py
+BATCH_SIZES, QUICK_BATCH_SIZES = (1, 8, 32, 64, 128, 256), (1, 64)
+BATCHING_PARAMETERS = """max_batch_size { value: 64 }
+batch_timeout_micros { value: 2000 }
+max_enqueued_batches { value: 100 }
+num_batch_threads { value: 2 }
+"""
+UNSUPPORTED = "does not support yet"  # what the backend says, and exits, when a TF Serving flag is not implemented
+HEALTH_PATH = "/v2/health/live"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "backend-efficiency.json"
+PARTS = {"a": "in-process", "b": "batching", "c": "no batching", "d": "Keras", "e": "generator"}
+COLUMNS = (
+    Column("rows/s", 10, lambda result: number(result["rows_per_s"])),
+    Column("requests/s", 12, lambda result: number(result["requests_per_s"])),
+    *(latency_column(key, "ms") for key in ("p50", "p99", "p99.9")),
+    Column("vs (a)", 8, lambda result: number(result.get("vs_in_process"), 3)),
+    Column("gen CPU", 9, lambda result: "-" if "generator_cpu" not in result else f"{result['generator_cpu']:.0%}"),
+    Column("errors", 8, lambda result: str(result["errors"])),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One closed-loop load on a server: a predict of `rows` rows (or the health probe), `concurrency` in flight."""
+
+    protocol: str  # "rest", "grpc" or "health"
+    rows: int
+    concurrency: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.protocol}_{self.rows}x{self.concurrency}"
+
+    @property
+    def label(self) -> str:
+        if self.protocol == "health":
+            return f"REST GET {HEALTH_PATH} x {self.concurrency}"
+        return f"{'REST' if self.protocol == 'rest' else 'gRPC'}, {self.rows} row{'s' * (self.rows > 1)} x " \
+               f"{self.concurrency}"
+
+
+PREDICT_CASES = (Case("rest", 1, 64), Case("grpc", 1, 64), Case("rest", 8, 32), Case("grpc", 8, 32))
+HEALTH_CASE = Case("health", 0, 64)
+
+
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("backend-efficiency", help="backend (batching or not) vs in-process TF vs Keras",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_loop_options(parser, DEFAULT_OUT)
+    parser.add_argument("--quick", action="store_true", help="fewer parts (for tests)")
+    parser.add_argument("--batching-parameters", type=Path,
+                        help="BatchingParameters text file for (b) (default: the one described above)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table, write the JSON and PNG; exit status 1 if any request failed."""
+    models_dir = ensure_demo_models()
+    base_path = models_dir / MODEL
+    cases = PREDICT_CASES[:2] if args.quick else PREDICT_CASES
+    batching = args.batching_parameters.read_text() if args.batching_parameters else BATCHING_PARAMETERS
+    results = _in_process(base_path / str(VERSION), QUICK_BATCH_SIZES if args.quick else BATCH_SIZES, args)
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="tfgate-bench-") as workdir:
+        work = Path(workdir)
+        (work / "batching.txt").write_text(batching)
+        plain = [f"--model_name={MODEL}", f"--model_base_path={base_path}"]
+        batched = [*plain, "--enable_batching", f"--batching_parameters_file={work / 'batching.txt'}"]
+        with BackendProcess(batched, work / "batching.log") as backend:
+            try:
+                backend.wait_ready()
+            except ServerExited as exited:
+                skipped["b"] = _unsupported(exited)
+            else:
+                results += _serve("b", backend, cases, args)
+        with BackendProcess(plain, work / "backend.log") as backend:
+            results += _serve("c", backend.wait_ready(), cases, args)
+            results += _serve("e", backend, [HEALTH_CASE], args)
+        port = free_port()
+        with ServerProcess("bench.keras_baseline", [f"--model_base_path={base_path}", f"--rest_api_port={port}"],
+                           port, work / "keras.log") as keras:
+            results += _serve("d", keras.wait_ready(), [case for case in cases if case.protocol == "rest"], args)
+    results.sort(key=lambda result: result["part"])
+    ceiling = max((result for result in results if result["part"] == "a"), key=lambda result: result["rows_per_s"])
+    for result in results:
+        result["vs_in_process"] = ratio(result["rows_per_s"], ceiling["rows_per_s"]) if result["rows"] else None
+    ratios = {f"{part}_over_d_requests_per_s": _ratios_to_keras(results, part) for part in ("b", "c")}
+    write_json(args.out, {
+        "benchmark": "backend-efficiency", "model": MODEL, "version": VERSION, "seconds": args.seconds,
+        "warmup_s": args.warmup, "quick": args.quick, "batching_parameters": batching, "environment": environment(),
+        "ceiling": {"key": ceiling["key"], "rows_per_s": ceiling["rows_per_s"]}, "results": results,
+        "skipped": skipped, "ratios": ratios})
+    _plot(args.out.with_suffix(".png"), results, ceiling)
+    _print_report(args, results, skipped, ratios, ceiling)
+    return 1 if any(result["errors"] for result in results) else 0
+
+
+def _in_process(version_dir: Path, batch_sizes: Iterable[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """(a): the bare core at each batch size, in this process, before any server runs."""
+    # TensorFlow: imported here so `--help` never pays for it.
+    from backend.servable import load_servable
+    from bench.in_process import predict_call
+
+    servable = load_servable(MODEL, VERSION, version_dir, tags=("serve",))
+    results = []
+    for batch in batch_sizes:
+        label = _label("a", f"predict, batch {batch}")
+        call = predict_call(servable, {INPUT: seeded_rows(batch, (FEATURES,))}, _check_shape(batch))
+        summary = measure(label, call, args.seconds, args.warmup).summary()
+        results.append({"part": "a", "key": f"batch_{batch}", "label": label, "rows": batch, **summary,
+                        "rows_per_s": summary["requests_per_s"] * batch})
+    return results
+
+
+def _check_shape(batch: int) -> Callable[[dict[str, np.ndarray]], None]:
+    def check(outputs: dict[str, np.ndarray]) -> None:
+        if outputs["probabilities"].shape != (batch, CLASSES):
+            raise RequestFailed("wrong outputs", f"probabilities of shape {outputs['probabilities'].shape}")
+
+    return check
+
+
+def _serve(part: str, server: ServerProcess, cases: Iterable[Case], args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for case in cases:
+        label = _label(part, case.label)
+        summary = run_load(_target(server, case), Load(case.concurrency, None, args.seconds, args.warmup), label)
+        results.append({"part": part, "key": case.key, "label": label, "rows": case.rows, **summary})
+    return results
+
+
+def _target(server: ServerProcess, case: Case) -> Target:
+    if case.protocol == "health":
+        return RestTarget(server.url, HEALTH_PATH)
+    x = seeded_rows(case.rows, (FEATURES,))
+    if case.protocol == "grpc":
+        assert isinstance(server, BackendProcess)
+        return grpc_predict(f"grpc://{HOST}:{server.grpc_port}", MODEL, None, INPUT, x)
+    return rest_predict(server.url, MODEL, None, x)
+
+
+def _label(part: str, text: str) -> str:
+    return f"({part}) {PARTS[part]}, {text}"
+
+
+def _unsupported(exited: ServerExited) -> str:
+    """The backend's own reason for refusing batching; any other exit is a real failure and is raised."""
+    for line in exited.log.splitlines():
+        if UNSUPPORTED in line:
+            return line.strip()
+    raise exited
+
+
+def _ratios_to_keras(results: list[dict[str, Any]], part: str) -> dict[str, float | None]:
+    """Per REST load measured in both `part` and (d): the ratio of their requests/s."""
+    keras = {result["key"]: result for result in results if result["part"] == "d"}
+    return {result["key"]: ratio(result["requests_per_s"], keras[result["key"]]["requests_per_s"])
+            for result in results if result["part"] == part and result["key"] in keras}
+
+
+def _plot(path: Path, results: list[dict[str, Any]], ceiling: dict[str, Any]) -> None:
+    series: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        if result["rows"]:
+            protocol = "" if result["part"] == "a" else (", REST" if result["key"].startswith("rest") else ", gRPC")
+            series.setdefault(f"({result['part']}) {PARTS[result['part']]}{protocol}", []).append(result)
+    plot_latency(path, f"backend-efficiency: {MODEL}, latency vs rows/s", series, "rows_per_s", "rows/s",
+                 lambda result: result["key"].partition("_")[2].replace("_", " "),
+                 (f"(a) ceiling, {ceiling['key'].replace('_', ' ')}", ceiling["rows_per_s"]), log_x=True)
+
+
+def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipped: dict[str, str],
+                  ratios: dict[str, dict[str, float | None]], ceiling: dict[str, Any]) -> None:
+    print(f"\nbackend-efficiency: {MODEL} ({FEATURES}→1024→1024→{CLASSES}), {args.seconds:g} s per row after "
+          f"{args.warmup:g} s warm-up; closed loops, 'x N' = N requests in flight; latency in ms; vs (a) = rows/s "
+          f"over the in-process ceiling ({ceiling['key'].replace('_', ' ')}: {ceiling['rows_per_s']:.1f} rows/s)")
+    print(format_table([((result["label"],), result) for result in results], headers=("part",), columns=COLUMNS))
+    for part, reason in skipped.items():
+        print(f"({part}) {PARTS[part]}: skipped: {reason}")
+    for part in ("b", "c"):
+        title = f"({part})/(d) requests/s"
+        print(format_ratios(title, ratios[f"{part}_over_d_requests_per_s"]) if part not in skipped
+              else f"{title}: - ({part}) skipped")
+    health = next(result for result in results if result["part"] == "e")
+    if health["generator_cpu"]:
+        print(f"(e) generator: {health['requests_per_s']:.0f} requests/s on {health['generator_cpu']:.0%} of a core, "
+              f"so about {health['requests_per_s'] / health['generator_cpu']:.0f} requests/s per core of its own")
+    print_errors((result["label"], result) for result in results)
+    print(f"results: {args.out}", file=sys.stderr)
