@@ -36,6 +36,7 @@ from backend.runners import DirectRunner
 log = logging.getLogger(__name__)
 
 IDLE_LANE_S = 60.0
+_EXPIRED = "Deadline exceeded while the request waited for its batch; it was not run"
 
 
 @dataclass(slots=True, eq=False)
@@ -87,17 +88,23 @@ class Batcher:
         if rows is None or not 0 < rows <= parameters.max_batch_size:
             return await self._direct.run(call, deadline)
         lane = self._lane(call, parameters)
-        future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
         future.add_done_callback(_retrieve)  # a caller that gave up must not leave an unretrieved exception
         if not lane.queue.admit(Task(rows=rows, enqueued_at=self._clock(), deadline=deadline,
-                                     payload=_Pending(call, future))):
+                                     payload=_Pending(call, future), abandoned=future.done)):
             raise errors.ResourceExhausted("The batch scheduling queue to which this request was submitted is full")
         lane.wake.set()
-        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        # A timer instead of wait_for(): no extra task per call. Past the deadline the caller gets its answer at
+        # once, and the queue drops the call before it runs; a caller cancelled (client gone) cancels the future,
+        # which the queue skips too.
+        expiry = None if deadline is None else loop.call_at(loop.time() + deadline - self._clock(), _fail, future,
+                                                            errors.DeadlineExceeded(_EXPIRED))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            raise errors.DeadlineExceeded("Deadline exceeded while the request waited for its batch") from None
+            return await future
+        finally:
+            if expiry is not None:
+                expiry.cancel()
 
     def _lane(self, call: ModelCall, parameters: BatchingParameters) -> _Lane:
         pad = parameters.pad_variable_length_inputs
@@ -120,8 +127,7 @@ class Batcher:
             await threads.acquire()
             batch = queue.take(self._clock())
             for task in batch.expired:
-                _fail(task.payload.future, errors.DeadlineExceeded(
-                    "Deadline exceeded while the request waited for its batch; it was not run"))
+                _fail(task.payload.future, errors.DeadlineExceeded(_EXPIRED))
             if not batch.tasks:
                 threads.release()
                 continue

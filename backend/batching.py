@@ -3,7 +3,7 @@
 How it works: requests (tasks) for one model version, signature and input shape wait in a `BatchQueue`. A batch is
 due when the queue holds `max_batch_size` rows, or when its oldest task has waited `batch_timeout`; the scheduler
 also waits for a free batch thread, so under load batches grow instead of queueing runs. `take()` drops tasks
-whose deadline passed while they waited (their clients gave up: no TensorFlow time is spent on them), then takes
+whose deadline passed while they waited, or whose callers are gone (no TensorFlow time is spent on them), then takes
 tasks first-in first-out up to `max_batch_size` rows, and rounds the batch up to the next `allowed_batch_sizes`
 entry (the extra rows are padding the runner adds and removes). A queue holding `max_enqueued_batches` batches
 worth of rows refuses more at once, so overload is an immediate 429 instead of unbounded latency.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 Payload = TypeVar("Payload")
 
@@ -38,6 +38,10 @@ class Task(Generic[Payload]):
     enqueued_at: float
     deadline: float | None
     payload: Payload
+    abandoned: Callable[[], bool] = lambda: False  # true once nobody waits for the answer (a client gone)
+
+    def expired(self, now: float) -> bool:
+        return (self.deadline is not None and self.deadline <= now) or self.abandoned()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +89,7 @@ class BatchQueue(Generic[Payload]):
         return due is not None and (self._rows >= self.policy.max_batch_size or now >= due)
 
     def take(self, now: float) -> Batch[Payload]:
-        expired = [task for task in self._tasks if task.deadline is not None and task.deadline <= now]
+        expired = [task for task in self._tasks if task.expired(now)]
         if expired:
             self._tasks = deque(task for task in self._tasks if task not in expired)
             self._rows -= sum(task.rows for task in expired)

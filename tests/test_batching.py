@@ -65,6 +65,15 @@ def test_expired_tasks_are_dropped_before_they_run() -> None:
     assert queue.rows == 0
 
 
+def test_abandoned_tasks_are_dropped_like_expired_ones() -> None:
+    queue: BatchQueue[str] = BatchQueue(POLICY)
+    gone = Task(rows=2, enqueued_at=0.0, deadline=None, payload="gone", abandoned=lambda: True)
+    queue.admit(gone)
+    queue.admit(task(1))
+    batch = queue.take(now=0.0)
+    assert batch.expired == [gone] and [t.rows for t in batch.tasks] == [1]
+
+
 def test_a_task_larger_than_a_shrunk_policy_still_runs_alone() -> None:
     queue: BatchQueue[str] = BatchQueue(POLICY)
     queue.admit(task(6))
