@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -110,6 +111,7 @@ class BackendMetrics:
         self._by_path = (self._tf_load_attempts, self._tf_load_latency, self._tf_warmup_latency)
         self._paths: dict[str, set[str]] = {}  # model -> version directories seen, for forget_model
         self._paths_lock = threading.Lock()  # loads are observed on executor threads
+        self._request_children: dict[tuple[str, int | None, str, str, str], tuple[Any, Any, Any, Any]] = {}
         for entrypoint in ENTRYPOINTS:  # exported at 0 from the start: alerts see 0, not no data
             self._in_flight.labels(entrypoint)
 
@@ -119,14 +121,26 @@ class BackendMetrics:
         get_model_status; `entrypoint` one of ENTRYPOINTS; `code` a gRPC status code name ("OK", "NOT_FOUND", ...);
         `model` "" when the request named none.
         """
-        self._requests.labels(model, "" if version is None else str(version), api, entrypoint, code).inc()
-        self._request_seconds.labels(model, api, entrypoint).observe(seconds)
+        key = (model, version, api, entrypoint, code)
+        children = self._request_children.get(key)
+        if children is None:  # labels() takes a lock and builds keys: once per label set, not per request
+            children = self._request_children[key] = self._request_series(*key)
+        requests, duration, tf_count, tf_latency = children
+        requests.inc()
+        duration.observe(seconds)
+        if tf_count is not None:
+            tf_count.inc()
+        if tf_latency is not None:
+            tf_latency.observe(seconds * _MICROS_PER_SECOND)
+
+    def _request_series(self, model: str, version: int | None, api: str, entrypoint: str,
+                        code: str) -> tuple[Any, Any, Any | None, Any | None]:
         tf_api = _TF_SERVING_APIS.get(api)
-        if tf_api is None:
-            return
-        self._tf_request_count.labels(model, code).inc()
-        if code == "OK":
-            self._tf_request_latency.labels(model, tf_api, entrypoint).observe(seconds * _MICROS_PER_SECOND)
+        return (self._requests.labels(model, "" if version is None else str(version), api, entrypoint, code),
+                self._request_seconds.labels(model, api, entrypoint),
+                None if tf_api is None else self._tf_request_count.labels(model, code),
+                None if tf_api is None or code != "OK" else self._tf_request_latency.labels(model, tf_api,
+                                                                                            entrypoint))
 
     def in_flight(self, entrypoint: str) -> AbstractContextManager[None]:
         """Counts a request as in flight until the block exits, however it exits."""
@@ -163,6 +177,7 @@ class BackendMetrics:
         """Stops exporting every series of a model that left the config, its versions' directories included."""
         for metric, label in self._by_model:
             metric.remove_by_labels({label: model})
+        self._request_children = {key: series for key, series in self._request_children.items() if key[0] != model}
         with self._paths_lock:
             paths = self._paths.pop(model, set())
         for path in paths:

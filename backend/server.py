@@ -24,7 +24,6 @@ from typing import Callable
 
 import grpc
 import tensorflow as tf
-from aiohttp import web
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -38,6 +37,7 @@ from backend.batching_config import (
 from backend.flags import ServerFlags
 from backend.grpc_service import GrpcContext, add_services
 from backend.health import Health, InFlight
+from backend.http_server import HttpServer
 from backend.metrics import BackendMetrics
 from backend.model_config import (
     ModelConfig,
@@ -51,7 +51,7 @@ from backend.monitoring_config import (
     PrometheusSettings,
     read_monitoring_config,
 )
-from backend.rest import RestOptions, make_app
+from backend.rest import RestApi, RestOptions
 from backend.runners import CallRunner, DirectRunner
 from backend.servable import Servable, load_servable
 from backend.ssl_config import SSLConfig, SSLConfigError, read_ssl_config
@@ -165,7 +165,7 @@ async def serve(flags: ServerFlags) -> None:
                      health=Health(manager))
         grpc_calls = InFlight()
         grpc_server, health_service = await _start_grpc(flags, settings, core, grpc_calls)
-        web_runner = await _start_rest(flags, settings, core)
+        rest_server = await _start_rest(flags, settings, core)
         log.info("serving models: %s", ", ".join(manager.model_names()))
         await stop.wait()
 
@@ -175,7 +175,7 @@ async def serve(flags: ServerFlags) -> None:
             await health_service.enter_graceful_shutdown()
         await asyncio.gather(*([_drain_grpc(grpc_server, grpc_calls, flags.grace_period_s)]
                                if grpc_server is not None else []),
-                             *([web_runner.cleanup()] if web_runner is not None else []))
+                             *([rest_server.shutdown(flags.grace_period_s)] if rest_server is not None else []))
         log.info("drained; exiting")
 
 
@@ -224,17 +224,16 @@ async def _start_grpc(flags: ServerFlags, settings: _Settings, core: _Core, call
     return server, health_service
 
 
-async def _start_rest(flags: ServerFlags, settings: _Settings, core: _Core) -> web.AppRunner | None:
+async def _start_rest(flags: ServerFlags, settings: _Settings, core: _Core) -> HttpServer | None:
     if not flags.rest_api_port:
         return None
     options = RestOptions(timeout_s=flags.rest_api_timeout_in_ms / 1000, max_body_bytes=flags.rest_api_max_body_bytes,
                           metrics_path=settings.prometheus.path if settings.prometheus.enabled else None)
-    app = make_app(core.manager, core.executor, core.runner, options, core.metrics, core.health)
-    web_runner = web.AppRunner(app, access_log=None, shutdown_timeout=flags.grace_period_s)
-    await web_runner.setup()
-    await web.TCPSite(web_runner, flags.bind_address, flags.rest_api_port, reuse_address=True).start()
+    api = RestApi(core.manager, core.executor, core.runner, options, core.metrics, core.health)
+    server = HttpServer(api.handle, max_body_bytes=flags.rest_api_max_body_bytes)
+    await server.start(flags.bind_address, flags.rest_api_port)
     log.info("Exporting HTTP/REST API at:%s:%d ...", flags.bind_address, flags.rest_api_port)
-    return web_runner
+    return server
 
 
 async def _load_initial_models(manager: ModelManager, models: tuple[ModelConfig, ...], flags: ServerFlags,

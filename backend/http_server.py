@@ -1,0 +1,428 @@
+"""A lean HTTP/1.1 server for the REST API: an asyncio.Protocol on httptools (llhttp, the C parser uvicorn uses) that
+hands each complete request to one async handler and writes each response with one `transport.write`.
+
+Why not aiohttp: under many small predicts its request/response machinery cost ~500 µs of event-loop Python per
+request, and the REST layer needs nothing of it but one catch-all handler.
+
+How it works: the parser's callbacks assemble a request (body by Content-Length or chunks) and queue it on its
+connection. One worker task per busy connection answers the queue in order (pipelining); reading is paused until the
+queue is empty, so a client can never have more than one read's worth of requests in memory, and after each
+response the worker waits until the transport's write buffer drains below its high-water mark.
+
+What it guarantees:
+- A body over `max_body_bytes` gets 413 (before any 100 Continue, or as soon as the chunks pass the limit), a
+  malformed request 400, a head still incomplete after 64 KiB 431: each in its turn after the answers already owed,
+  and then the connection closes. It closes lingering: what the client still sends is read and dropped until it
+  closes, for up to `header_timeout_s`, so a client busy sending its body reads the refusal instead of a reset.
+- A handler's exception is logged with its stack and answered with a bare 500; the connection stays usable.
+- A request head must be complete within `header_timeout_s` of its first byte (or of the connection), and its body
+  must not pause for longer than that; an idle keep-alive connection is closed after `keepalive_timeout_s`. These
+  are deadlines checked by one lazy timer per connection, so a busy connection arms no timer per request.
+- An Upgrade offer (h2c, sent by curl --http2 and Java clients) is declined as RFC 9110 allows: the request is
+  replayed without it to a fresh parser, which then reads the body that llhttp skips on an upgrade.
+- `shutdown()` stops accepting, closes idle connections, lets the responses being made finish and flush within the
+  grace, then cancels the handlers still running and aborts what is left: no task or connection outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import unquote_to_bytes
+
+import httptools
+import orjson
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    method: str  # "GET", "POST", ...
+    path: str  # URL path, percent-decoded, no query string
+    query: str  # raw query string ("" if none)
+    headers: Mapping[str, str]  # lower-case names; repeated fields joined with ", "
+    body: bytes
+    peer: str  # "host:port"
+
+
+@dataclass(slots=True)
+class HttpResponse:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: Sequence[tuple[str, str]] = ()  # besides Content-Type, Content-Length and Connection, which are ours
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+ErrorBody = Callable[[int, str], bytes]
+
+
+def json_error_body(status: int, message: str) -> bytes:
+    """TF Serving's error document, for the answers the server makes by itself."""
+    return orjson.dumps({"error": message})
+
+
+_STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CLOSE = "Connection: close\r\n"
+_KEEP_ALIVE = "Connection: keep-alive\r\n"  # HTTP/1.0 closes without it
+_INTERNAL_ERROR = "Internal error while serving the request; see the server log"
+_MAX_HEAD_BYTES = 64 * 1024  # llhttp does not bound the request line and headers; checked after each read
+# What a connection waits for from its client, which decides the deadline that applies.
+_HEAD, _BODY, _NEXT, _LINGER = "head", "body", "next request", "linger"
+
+
+class _StopParsing(Exception):
+    """Raised in a parser callback after a refusal, to abandon the rest of the input."""
+
+
+@dataclass(slots=True)
+class _Turn:
+    """One request's place in its connection's answer order."""
+
+    request: HttpRequest | None  # None: the server answers `refusal` itself, then closes
+    refusal: HttpResponse | None = None
+    keep_alive: bool = False
+    http_1_0: bool = False
+
+
+class HttpServer:
+    """Serves `handler` on one listening socket; see the module docstring for the guarantees."""
+
+    def __init__(self, handler: Handler, *, max_body_bytes: int, header_timeout_s: float = 10.0,
+                 keepalive_timeout_s: float = 75.0, error_body: ErrorBody = json_error_body) -> None:
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.error_body = error_body
+        self.deadlines = {_HEAD: header_timeout_s, _BODY: header_timeout_s, _NEXT: keepalive_timeout_s,
+                          _LINGER: header_timeout_s}
+        self.stopping = False
+        self._listener: asyncio.Server | None = None
+        self._port = 0
+        self._connections: set[_Connection] = set()  # open, or still running a handler
+        self._all_gone: asyncio.Future[None] | None = None  # made by shutdown()
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(lambda: _Connection(self, loop), host, port, reuse_address=True)
+        self._port = self._listener.sockets[0].getsockname()[1]
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._listener.sockets) if self._listener is not None else ()
+
+    @property
+    def port(self) -> int:
+        """The bound port (the one the system chose for port 0), still known after shutdown."""
+        return self._port
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting; close idle connections; let responses being made finish and flush within `grace_s`;
+        then cancel the handlers still running and abort the connections left."""
+        if self._listener is None or self.stopping:
+            return
+        self.stopping = True
+        self._listener.close()
+        self._all_gone = asyncio.get_running_loop().create_future()
+        for connection in list(self._connections):
+            connection.shut_down()
+        self._check_all_gone()
+        await asyncio.wait([self._all_gone], timeout=grace_s)
+        for connection in list(self._connections):
+            connection.abort()
+        await self._all_gone
+        await self._listener.wait_closed()
+
+    def track(self, connection: _Connection) -> None:
+        self._connections.add(connection)
+
+    def forget(self, connection: _Connection) -> None:
+        self._connections.discard(connection)
+        self._check_all_gone()
+
+    def _check_all_gone(self) -> None:
+        if not self._connections and self._all_gone is not None and not self._all_gone.done():
+            self._all_gone.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parser callbacks in, one worker task out while there is anything to answer."""
+
+    def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+        self._transport: asyncio.Transport  # set by connection_made
+        self._parser = httptools.HttpRequestParser(self)
+        self._peer = ""
+        # The request being received.
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+        self._head_bytes = 0
+        self._waiting = _HEAD
+        self._continue_due = False  # owe the client a 100 Continue as soon as it is its turn
+        # Answering.
+        self._turns: deque[_Turn] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._done_reading = False  # after a refusal or a last request: further input is dropped
+        self._closing = False  # shutdown: close after the response being made
+        self._lost = False
+        self._drained: asyncio.Future[None] | None = None  # while the transport asks us to stop writing
+        # The one deadline that applies now (see _watch) and the timer that checks it.
+        self._deadline_for: str | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        host, port = (transport.get_extra_info("peername") or ("?", 0))[:2]  # None if the client already left
+        self._peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._server.track(self)
+        if self._server.stopping:  # accepted just as shutdown began
+            transport.close()
+            return
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = self._done_reading = True
+        self._deadline_for = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._release_writer()
+        if self._worker is None:  # otherwise the worker, still running its handler, forgets us when it ends
+            self._server.forget(self)
+
+    def data_received(self, data: bytes) -> None:
+        while data and not self._done_reading:
+            data = self._parse(data)
+        self._after_input()
+
+    def pause_writing(self) -> None:
+        self._drained = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        self._release_writer()
+
+    # -- httptools callbacks ----------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._waiting = _HEAD
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = {}
+        self._body_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
+
+    def on_headers_complete(self) -> None:
+        self._waiting = _BODY
+        parser = self._parser
+        if parser.should_upgrade():
+            return  # declined once llhttp stops at the end of this head; the replayed head is checked instead
+        declared = self._headers.get("content-length")
+        if declared is not None and int(declared) > self._server.max_body_bytes:
+            self._refuse_too_large()
+        if self._headers.get("expect", "").lower() == "100-continue" and parser.get_http_version() != "1.0":
+            self._continue_due = True  # sent once this chunk is parsed, unless the body came with it
+
+    def on_body(self, body: bytes) -> None:
+        self._continue_due = False  # the client did not wait for it, which is allowed
+        self._body_bytes += len(body)
+        if self._body_bytes > self._server.max_body_bytes:
+            self._refuse_too_large()
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        self._waiting = _NEXT
+        self._continue_due = False
+        if parser.should_upgrade():
+            return  # see _declined_upgrade: the replay completes this request with its body
+        try:
+            url = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:
+            self._refuse(400, "Malformed HTTP request: invalid URL")
+            raise _StopParsing from None
+        body = b"".join(self._body)
+        self._body.clear()
+        path = url.path or b"/"  # absolute-form without a path: "http://host"
+        if b"%" in path:
+            path = unquote_to_bytes(path)
+        request = HttpRequest(method=parser.get_method().decode("ascii"), path=path.decode("utf-8", "replace"),
+                              query=url.query.decode("latin-1") if url.query else "",
+                              headers=self._headers, body=body, peer=self._peer)
+        keep_alive = parser.should_keep_alive()
+        self._turns.append(_Turn(request, None, keep_alive, keep_alive and parser.get_http_version() == "1.0"))
+        if not keep_alive:
+            self._done_reading = True
+        self._start_worker()
+
+    def _parse(self, data: bytes) -> bytes:
+        """Feed one chunk to the parser; returns what is left to feed (only after a declined upgrade)."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            return self._declined_upgrade(data[int(upgrade.args[0]):])
+        except httptools.HttpParserError as error:
+            if not self._done_reading:  # not a stop we raised ourselves after refusing
+                log.debug("malformed request from %s: %s", self._peer, error)
+                self._refuse(400, f"Malformed HTTP request: {error}")
+            return b""
+        if self._waiting == _HEAD and not self._done_reading:
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD_BYTES:
+                self._refuse(431, f"Request header fields are larger than the limit of {_MAX_HEAD_BYTES} bytes")
+        return b""
+
+    # -- answering ----------------------------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._transport.pause_reading()
+            self._worker = self._loop.create_task(self._answer_turns())
+
+    async def _answer_turns(self) -> None:
+        """Answer the queued requests in order, then read again: reading stays paused meanwhile."""
+        transport = self._transport
+        try:
+            while self._turns and not self._lost:
+                turn = self._turns.popleft()
+                if turn.refusal is not None:
+                    transport.write(self._encode(turn.refusal, turn))
+                    transport.write_eof()  # lingering close: keep reading (and dropping) until the client closes
+                    break
+                payload = await self._respond(turn)
+                if self._lost:
+                    break
+                transport.write(payload)
+                if not turn.keep_alive or self._closing:
+                    transport.close()
+                    break
+                if self._drained is not None:
+                    await self._drained
+        finally:
+            self._worker = None
+            if self._lost:
+                self._server.forget(self)
+        if not transport.is_closing():
+            transport.resume_reading()
+            self._after_input()
+
+    async def _respond(self, turn: _Turn) -> bytes:
+        request = turn.request
+        assert request is not None
+        try:
+            return self._encode(await self._server.handler(request), turn)
+        except Exception:  # the one place an unexpected error stops: logged in full, never sent to the client
+            log.exception("unexpected error answering %s %s from %s", request.method, request.path, request.peer)
+            return self._encode(HttpResponse(500, self._server.error_body(500, _INTERNAL_ERROR)), turn)
+
+    def _encode(self, response: HttpResponse, turn: _Turn) -> bytes:
+        """Status line, headers and body in one buffer, for one write."""
+        if not turn.keep_alive or self._closing:
+            connection = _CLOSE
+        else:
+            connection = _KEEP_ALIVE if turn.http_1_0 else ""
+        extra = "".join(f"{name}: {value}\r\n" for name, value in response.headers) if response.headers else ""
+        status = _STATUS_LINES.get(response.status) or f"HTTP/1.1 {response.status} \r\n"
+        head = (f"{status}Content-Type: {response.content_type}\r\nContent-Length: {len(response.body)}\r\n"
+                f"{extra}{connection}\r\n").encode("latin-1")
+        return head if turn.request is not None and turn.request.method == "HEAD" else head + response.body
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer `status` in turn, then close: nothing after this request is read."""
+        self._done_reading = True
+        self._continue_due = False
+        self._turns.append(_Turn(None, HttpResponse(status, self._server.error_body(status, message))))
+        self._start_worker()
+
+    def _refuse_too_large(self) -> None:
+        self._refuse(413, f"Request body is larger than the limit of {self._server.max_body_bytes} bytes")
+        raise _StopParsing
+
+    def _declined_upgrade(self, rest: bytes) -> bytes:
+        """The head just parsed, without its Upgrade offer, followed by `rest`, for a fresh parser to read as plain
+        HTTP/1.1 (llhttp has no way to decline an upgrade and go on)."""
+        parser = self._parser
+        method = parser.get_method().decode("ascii")
+        if method == "CONNECT":  # always an upgrade for llhttp; a tunnel is not ours to open
+            self._refuse(400, "Malformed HTTP request: CONNECT is not supported")
+            return b""
+        lines = [f"{method} {self._url.decode('latin-1')} HTTP/{parser.get_http_version()}"]
+        for name, value in self._headers.items():
+            if name == "connection":
+                value = ", ".join(token for token in value.split(",") if token.strip().lower() != "upgrade")
+            if name != "upgrade" and value:
+                lines.append(f"{name}: {value}")
+        self._parser = httptools.HttpRequestParser(self)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + rest
+
+    def _after_input(self) -> None:
+        """Once a chunk is parsed or the queue is answered: send a due 100 Continue, and keep the right deadline."""
+        if self._continue_due and self._worker is None:
+            self._continue_due = False
+            self._transport.write(_CONTINUE)
+        self._watch()
+
+    def _release_writer(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # -- deadlines and shutdown -------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Keep the one deadline that applies now: for a head to complete, for more of a body, for a next request,
+        or for the end of lingering. A handler's own time is not limited here."""
+        if self._worker is not None or self._lost:
+            waiting_for = None
+        else:
+            waiting_for = _LINGER if self._done_reading else self._waiting
+        if waiting_for == self._deadline_for and waiting_for != _BODY:
+            return  # the same wait goes on, with the deadline it started with; a body's is renewed by each read
+        self._deadline_for = waiting_for
+        if waiting_for is None:
+            return  # the timer, if armed, will find nothing to do
+        self._deadline = self._loop.time() + self._server.deadlines[waiting_for]
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._deadline_for is None:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
+            return
+        log.debug("closing the connection from %s: no %s in time", self._peer, self._deadline_for)
+        self._transport.close()
+
+    def shut_down(self) -> None:
+        """Close at once if idle; otherwise after the response being made."""
+        self._closing = True
+        if self._worker is None and not self._lost:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Past the grace: cancel the handler, drop what is unsent."""
+        if self._worker is not None:
+            self._worker.cancel()
+        if not self._lost:
+            self._transport.abort()

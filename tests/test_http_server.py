@@ -1,0 +1,569 @@
+"""The backend's HTTP/1.1 server on real loopback sockets, driven by http.client, requests, curl and raw bytes.
+
+Every scenario runs on asyncio's own loop and on uvloop (what the backend runs on), each in a fresh
+asyncio.Runner; the clients are blocking and run in threads (to_thread). `serving` shuts the server down at the end
+and fails the test if any task outlives that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import shutil
+import socket
+import subprocess
+import time
+import unittest
+from asyncio import to_thread
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+import requests
+import uvloop
+
+from backend.http_server import (
+    Handler,
+    HttpRequest,
+    HttpResponse,
+    HttpServer,
+    json_error_body,
+)
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+LIMIT = 1000  # max_body_bytes unless a test says otherwise
+
+
+def on_each_loop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[str], None]:
+    """Turn an async scenario into a test run once per event loop."""
+    @pytest.mark.parametrize("loop", sorted(LOOPS))
+    def test(loop: str) -> None:
+        with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+            runner.run(scenario())
+
+    test.__doc__ = scenario.__doc__
+    return test
+
+
+async def echo(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(200, orjson.dumps({
+        "method": request.method, "path": request.path, "query": request.query, "headers": dict(request.headers),
+        "body": request.body.decode("latin-1"), "peer": request.peer}))
+
+
+@asynccontextmanager
+async def serving(handler: Handler = echo, *, grace_s: float = 5.0, max_body_bytes: int = LIMIT,
+                  **options: Any) -> AsyncIterator[HttpServer]:
+    server = HttpServer(handler, max_body_bytes=max_body_bytes, **options)
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        await server.shutdown(grace_s)
+    assert asyncio.all_tasks() == {asyncio.current_task()}, "a task outlived shutdown()"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    reason: str
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+class Wire:
+    """A raw client connection: bytes out, responses parsed one at a time (so pipelining and 1xx can be seen)."""
+
+    def __init__(self, port: int, *, receive_buffer: int | None = None) -> None:
+        self.sock = socket.socket()
+        if receive_buffer:  # before connecting, so the kernel does not grow it: a slow reader
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        self._file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self, method: str = "GET") -> Reply:
+        status_line = self._file.readline().decode("latin-1")
+        version, status, reason = status_line.rstrip("\r\n").split(" ", 2)
+        assert version == "HTTP/1.1", status_line
+        headers = http.client.parse_headers(self._file)
+        length = headers["Content-Length"]
+        body = self._file.read(int(length)) if length is not None and method != "HEAD" else b""
+        return Reply(int(status), reason, headers, body)
+
+    def closed_by_server(self) -> bool:
+        """True once the server closed (or half-closed) its side with nothing more to read."""
+        try:
+            return self._file.read() == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+
+@asynccontextmanager
+async def wire(port: int, **options: Any) -> AsyncIterator[Wire]:
+    connection = await to_thread(Wire, port, **options)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def request_bytes(method: str, path: str, *headers: str, body: bytes = b"", version: str = "1.1") -> bytes:
+    lines = [f"{method} {path} HTTP/{version}", "Host: test", *headers]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests and responses
+
+
+@on_each_loop
+async def test_the_handler_sees_a_decoded_path_the_raw_query_lower_case_headers_and_the_peer() -> None:
+    async with serving() as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("POST", "/v1/models/a%20b:predict?x=1&y=%20", "X-Thing: A",
+                                                   "x-thing: b", body=b"{}"))
+        seen = (await to_thread(client.reply)).json()
+        host, port = client.sock.getsockname()
+    assert seen["method"] == "POST" and seen["path"] == "/v1/models/a b:predict" and seen["query"] == "x=1&y=%20"
+    assert seen["headers"] == {"host": "test", "x-thing": "A, b", "content-length": "2"}
+    assert seen["body"] == "{}" and seen["peer"] == f"{host}:{port}"
+
+
+@on_each_loop
+async def test_absolute_form_urls_are_reduced_to_path_and_query() -> None:
+    async with serving() as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("GET", "http://h:1/p/q?x=1") + request_bytes("GET", "http://h?y"))
+        first, second = (await to_thread(client.reply)).json(), (await to_thread(client.reply)).json()
+    assert (first["path"], first["query"], second["path"], second["query"]) == ("/p/q", "x=1", "/", "y")
+
+
+@on_each_loop
+async def test_responses_carry_status_reason_type_length_and_the_handlers_headers() -> None:
+    async def teapot(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(429, b"slow down", "text/plain", [("Retry-After", "1"), ("X-Why", "test")])
+
+    async with serving(teapot) as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("GET", "/"))
+        reply = await to_thread(client.reply)
+    assert (reply.status, reply.reason, reply.body) == (429, "Too Many Requests", b"slow down")
+    assert reply.headers["Content-Type"] == "text/plain" and reply.headers["Content-Length"] == "9"
+    assert reply.headers["Retry-After"] == "1" and reply.headers["X-Why"] == "test"
+    assert "Connection" not in reply.headers
+
+
+@on_each_loop
+async def test_head_requests_get_the_headers_only() -> None:
+    async with serving() as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("HEAD", "/a") + request_bytes("GET", "/b"))
+        head = await to_thread(client.reply, "HEAD")
+        get = await to_thread(client.reply)
+    assert head.status == 200 and int(head.headers["Content-Length"]) > 0 and head.body == b""
+    assert get.json()["path"] == "/b"  # the next response starts right after the head
+
+
+@on_each_loop
+async def test_bodies_by_content_length_and_by_chunks() -> None:
+    def post(port: int) -> list[str]:
+        url = f"http://127.0.0.1:{port}/"
+        by_length = requests.post(url, data=b"x" * 500, timeout=10)
+        chunked = requests.post(url, data=iter([b"ab", b"", b"cd" * 100, b"e"]), timeout=10)
+        assert chunked.json()["headers"]["transfer-encoding"] == "chunked"
+        return [by_length.json()["body"], chunked.json()["body"]]
+
+    async with serving() as server:
+        assert await to_thread(post, server.port) == ["x" * 500, "ab" + "cd" * 100 + "e"]
+
+
+@on_each_loop
+async def test_a_handler_exception_is_a_logged_500_and_the_connection_stays_usable() -> None:
+    async def fragile(request: HttpRequest) -> HttpResponse:
+        if request.path == "/boom":
+            raise RuntimeError("secret detail")
+        return await echo(request)
+
+    def get_twice(port: int) -> tuple[int, bytes, int]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request("GET", "/boom")
+            failed = connection.getresponse()
+            failed_body = failed.read()
+            connection.request("GET", "/fine")
+            return failed.status, failed_body, connection.getresponse().status
+        finally:
+            connection.close()
+
+    async with serving(fragile) as server:
+        with unittest.TestCase().assertLogs("backend.http_server", "ERROR") as logs:
+            status, body, next_status = await to_thread(get_twice, server.port)
+    assert (status, next_status) == (500, 200)
+    assert body == json_error_body(500, "Internal error while serving the request; see the server log")
+    assert logs.records[0].exc_info is not None and "GET /boom" in logs.records[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Connections: keep-alive, close, pipelining
+
+
+@on_each_loop
+async def test_http_1_1_keeps_the_connection_alive() -> None:
+    def get_twice(port: int) -> list[tuple[int, str | None, str]]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            replies = []
+            for path in ("/1", "/2"):
+                connection.request("GET", path)
+                response = connection.getresponse()
+                peer = orjson.loads(response.read())["peer"]
+                replies.append((response.status, response.getheader("Connection"), peer))
+            return replies
+        finally:
+            connection.close()
+
+    async with serving() as server:
+        (status1, connection1, peer1), (status2, connection2, peer2) = await to_thread(get_twice, server.port)
+    assert status1 == status2 == 200 and connection1 is connection2 is None and peer1 == peer2
+
+
+@on_each_loop
+async def test_http_1_0_closes_unless_asked_to_keep_alive() -> None:
+    async with serving() as server:
+        async with wire(server.port) as client:
+            await to_thread(client.send, request_bytes("GET", "/", version="1.0"))
+            reply = await to_thread(client.reply)
+            assert reply.status == 200 and reply.headers["Connection"] == "close"
+            assert await to_thread(client.closed_by_server)
+        async with wire(server.port) as client:
+            for path in ("/1", "/2"):
+                await to_thread(client.send, request_bytes("GET", path, "Connection: keep-alive", version="1.0"))
+                reply = await to_thread(client.reply)
+                assert reply.json()["path"] == path and reply.headers["Connection"] == "keep-alive"
+
+
+@on_each_loop
+async def test_connection_close_is_honoured_and_what_follows_is_not_answered() -> None:
+    async with serving() as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("GET", "/last", "Connection: close") + request_bytes("GET", "/x"))
+        reply = await to_thread(client.reply)
+        assert reply.json()["path"] == "/last" and reply.headers["Connection"] == "close"
+        assert await to_thread(client.closed_by_server)
+
+
+@on_each_loop
+async def test_pipelined_requests_are_answered_in_order_one_at_a_time() -> None:
+    running, most_running = 0, 0
+
+    async def uneven(request: HttpRequest) -> HttpResponse:
+        nonlocal running, most_running
+        running += 1
+        most_running = max(most_running, running)
+        await asyncio.sleep(0.05 if request.path == "/1" else 0)  # the first is slowest: order must not depend on it
+        running -= 1
+        return await echo(request)
+
+    paths = [f"/{i}" for i in range(1, 6)]
+    async with serving(uneven) as server, wire(server.port) as client:
+        await to_thread(client.send, b"".join(request_bytes("POST", path, body=path.encode()) for path in paths))
+        replies = [await to_thread(client.reply) for _ in paths]
+    assert [reply.json()["body"] for reply in replies] == paths
+    assert most_running == 1
+
+
+@on_each_loop
+async def test_an_upgrade_offer_is_declined_and_the_request_served_with_its_body() -> None:
+    offer = ("Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA")
+    chunked_body = b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    async with serving() as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("POST", "/a", *offer, body=b"hello")
+                        + request_bytes("POST", "/b", *offer, "Transfer-Encoding: chunked") + chunked_body
+                        + request_bytes("GET", "/c"))
+        replies = [(await to_thread(client.reply)).json() for _ in range(3)]
+    assert [(reply["path"], reply["body"]) for reply in replies] == [("/a", "hello"), ("/b", "abcde"), ("/c", "")]
+    assert "upgrade" not in replies[0]["headers"] and replies[0]["headers"]["connection"] == "HTTP2-Settings"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expect: 100-continue, limits and malformed requests
+
+
+@on_each_loop
+async def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
+    async with serving() as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("POST", "/", "Content-Length: 5", "Expect: 100-continue"))
+        interim = await to_thread(client.reply)
+        await to_thread(client.send, b"hello")
+        final = await to_thread(client.reply)
+    assert (interim.status, interim.reason, interim.body) == (100, "Continue", b"")
+    assert final.status == 200 and final.json()["body"] == "hello"
+
+
+@on_each_loop
+async def test_expect_100_continue_over_the_limit_is_413_without_reading_the_body() -> None:
+    async with serving() as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("POST", "/", "Content-Length: 1001", "Expect: 100-continue"))
+        reply = await to_thread(client.reply)
+        assert reply.status == 413 and reply.headers["Connection"] == "close"
+        assert reply.json() == {"error": "Request body is larger than the limit of 1000 bytes"}
+        assert await to_thread(client.closed_by_server)
+
+
+@on_each_loop
+async def test_a_body_over_the_limit_is_413_read_by_a_client_still_sending_it() -> None:
+    def post_too_much_then_enough(port: int) -> tuple[int, Any, int]:
+        url = f"http://127.0.0.1:{port}/"
+        refused = requests.post(url, data=b"x" * 4_000_000, timeout=10)
+        return refused.status_code, refused.json(), requests.post(url, data=b"ok", timeout=10).status_code
+
+    async with serving() as server:
+        status, error, next_status = await to_thread(post_too_much_then_enough, server.port)
+    assert (status, error) == (413, {"error": "Request body is larger than the limit of 1000 bytes"})
+    assert next_status == 200  # the server goes on serving
+
+
+@on_each_loop
+async def test_a_refused_client_may_go_on_sending_until_it_closes() -> None:
+    def send_the_body_anyway(client: Wire) -> bool:
+        for _ in range(64):  # a reset would fail one of these sends
+            client.send(b"z" * 65536)
+            time.sleep(0.001)
+        return client.closed_by_server()
+
+    async with serving() as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("POST", "/", "Content-Length: 4194304"))
+        assert (await to_thread(client.reply)).status == 413
+        assert await to_thread(send_the_body_anyway, client)
+
+
+@on_each_loop
+async def test_chunks_passing_the_limit_are_413_and_close() -> None:
+    async with serving() as server, wire(server.port) as client:
+        chunk = b"%x\r\n%s\r\n" % (600, b"y" * 600)
+        await to_thread(client.send, request_bytes("POST", "/", "Transfer-Encoding: chunked") + chunk * 2)
+        reply = await to_thread(client.reply)
+        assert reply.status == 413 and reply.headers["Connection"] == "close"
+        assert await to_thread(client.closed_by_server)
+
+
+GARBAGE = [
+    b"NONSENSE\r\n\r\n",  # no method
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # no chunk size
+    b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",  # two lengths
+    b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",  # a tunnel
+    b"GET http:/x HTTP/1.1\r\n\r\n",  # a URL only llhttp accepts
+]
+
+
+@on_each_loop
+async def test_a_malformed_request_is_400_with_the_error_body_after_the_answers_owed_and_closes() -> None:
+    async with serving(error_body=lambda status, message: f"{status}|{message}".encode()) as server:
+        for garbage in GARBAGE:
+            async with wire(server.port) as client:
+                await to_thread(client.send, request_bytes("GET", "/first") + garbage)
+                first, refused = await to_thread(client.reply), await to_thread(client.reply)
+                assert first.status == 200, garbage
+                assert refused.status == 400 and refused.headers["Connection"] == "close", garbage
+                assert refused.body.startswith(b"400|Malformed HTTP request"), refused.body
+                assert await to_thread(client.closed_by_server)
+
+
+@on_each_loop
+async def test_a_head_still_incomplete_after_64_kib_is_431() -> None:
+    async with serving() as server, wire(server.port) as client:
+        await to_thread(client.send, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000)
+        reply = await to_thread(client.reply)
+        assert reply.status == 431 and await to_thread(client.closed_by_server)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timeouts
+
+
+@on_each_loop
+async def test_a_head_not_complete_in_time_closes_the_connection() -> None:
+    async with serving(header_timeout_s=0.2) as server, wire(server.port) as silent, wire(server.port) as partial:
+        await to_thread(partial.send, b"GET / HTTP/1.1\r\nHost:")
+        started = time.monotonic()
+        assert await to_thread(partial.closed_by_server) and await to_thread(silent.closed_by_server)
+        assert 0.15 < time.monotonic() - started < 3
+
+
+@on_each_loop
+async def test_a_body_may_come_slowly_but_not_stall() -> None:
+    def trickle(client: Wire) -> Reply:
+        client.send(request_bytes("POST", "/", "Content-Length: 6"))
+        for byte in b"steady":  # 0.6 s in all, never a pause as long as the timeout
+            time.sleep(0.1)
+            client.send(bytes([byte]))
+        return client.reply()
+
+    async with serving(header_timeout_s=0.3) as server, wire(server.port) as slow, wire(server.port) as stalled:
+        await to_thread(stalled.send, request_bytes("POST", "/", "Content-Length: 6") + b"st")
+        assert (await to_thread(trickle, slow)).json()["body"] == "steady"
+        assert await to_thread(stalled.closed_by_server)
+
+
+@on_each_loop
+async def test_an_idle_keep_alive_connection_is_closed_after_its_timeout() -> None:
+    async with serving(header_timeout_s=5, keepalive_timeout_s=0.4) as server, wire(server.port) as client:
+        for _ in range(2):  # the second request, inside the first wait, starts the wait anew
+            await to_thread(client.send, request_bytes("GET", "/"))
+            assert (await to_thread(client.reply)).status == 200
+            answered = time.monotonic()
+            await asyncio.sleep(0.25)
+        assert await to_thread(client.closed_by_server)
+        assert 0.35 < time.monotonic() - answered < 3
+
+
+@on_each_loop
+async def test_timeouts_do_not_cut_a_slow_handler_or_a_second_request() -> None:
+    async def slow(request: HttpRequest) -> HttpResponse:
+        await asyncio.sleep(0.4)
+        return await echo(request)
+
+    async with serving(slow, header_timeout_s=0.2, keepalive_timeout_s=0.2) as server, wire(server.port) as client:
+        for path in ("/1", "/2"):
+            await to_thread(client.send, request_bytes("GET", path))
+            assert (await to_thread(client.reply)).json()["path"] == path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Back-pressure
+
+
+@on_each_loop
+async def test_reading_pauses_while_a_request_is_handled() -> None:
+    release = asyncio.Event()
+
+    async def blocked(request: HttpRequest) -> HttpResponse:
+        await release.wait()
+        return HttpResponse(200)
+
+    def flood(client: Wire) -> int:
+        """Pipeline a huge request behind the blocked one; how much the kernel and server took before refusing."""
+        client.send(request_bytes("GET", "/blocked") + request_bytes("POST", "/", "Content-Length: 100000000"))
+        client.sock.setblocking(False)
+        sent, chunk = 0, b"z" * 65536
+        while sent < 64 * 2**20:
+            try:
+                sent += client.sock.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.2)  # let the kernel move what it can; still full means nobody reads
+                try:
+                    sent += client.sock.send(chunk)
+                except BlockingIOError:
+                    break
+        return sent
+
+    async with serving(blocked, max_body_bytes=10**9) as server, wire(server.port) as client:
+        sent = await to_thread(flood, client)
+        release.set()
+    assert sent < 32 * 2**20  # socket buffers only: the server did not read on into memory
+
+
+@on_each_loop
+async def test_the_next_response_waits_until_a_slow_reader_drains_the_last() -> None:
+    calls = 0
+    big = b"b" * 16 * 2**20
+
+    async def large(request: HttpRequest) -> HttpResponse:
+        nonlocal calls
+        calls += 1
+        return HttpResponse(200, big, "application/octet-stream")
+
+    async with serving(large) as server, wire(server.port, receive_buffer=65536) as client:
+        await to_thread(client.send, request_bytes("GET", "/1") + request_bytes("GET", "/2"))
+        await asyncio.sleep(0.5)
+        assert calls == 1  # the first response is stuck in the buffers: the second is not made yet
+        replies = [await to_thread(client.reply) for _ in range(2)]
+    assert calls == 2 and all(reply.body == big for reply in replies)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shutdown
+
+
+@on_each_loop
+async def test_shutdown_finishes_requests_in_flight_and_closes_idle_connections() -> None:
+    started = asyncio.Event()
+    big = b"s" * 4 * 2**20
+
+    async def slow(request: HttpRequest) -> HttpResponse:
+        if request.path == "/slow":
+            started.set()
+            await asyncio.sleep(0.3)
+            return HttpResponse(200, big, "application/octet-stream")
+        return HttpResponse(200)
+
+    async with serving(slow) as server, wire(server.port) as idle, wire(server.port) as busy:
+        await to_thread(idle.send, request_bytes("GET", "/"))
+        assert (await to_thread(idle.reply)).status == 200
+        await to_thread(busy.send, request_bytes("GET", "/slow"))
+        await started.wait()
+        reply_in_flight = asyncio.create_task(to_thread(busy.reply))  # reading while the server drains
+        await server.shutdown(grace_s=5)
+        reply = await reply_in_flight
+        assert reply.status == 200 and reply.body == big and reply.headers["Connection"] == "close"
+        assert await to_thread(idle.closed_by_server) and await to_thread(busy.closed_by_server)
+        with pytest.raises(ConnectionRefusedError):
+            await to_thread(socket.create_connection, ("127.0.0.1", server.port), 5)
+
+
+@on_each_loop
+async def test_shutdown_cancels_handlers_still_running_after_the_grace() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def stuck(request: HttpRequest) -> HttpResponse:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return HttpResponse(200)
+
+    async with serving(stuck) as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("GET", "/"))
+        await started.wait()
+        begun = time.monotonic()
+        await server.shutdown(grace_s=0.2)
+        assert 0.15 < time.monotonic() - begun < 3 and cancelled.is_set()
+        assert await to_thread(client.closed_by_server)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# curl
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@on_each_loop
+async def test_curl_keep_alive_expect_100_continue_and_http2_upgrade() -> None:
+    body = "j" * 2000
+
+    def curl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["curl", "-sS", "-v", "--max-time", "10", *args], capture_output=True, text=True,
+                              timeout=20, check=True)
+
+    async with serving(max_body_bytes=10_000) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        twice = await to_thread(curl, "-H", "Expect: 100-continue", "--data-binary", body, "-w", "\\n",
+                                f"{url}/a", f"{url}/b")
+        upgrade = await to_thread(curl, "--http2", "--data-binary", "up", f"{url}/h2c")
+    assert "HTTP/1.1 100 Continue" in twice.stderr and "Re-using existing connection" in twice.stderr
+    documents = [orjson.loads(line) for line in twice.stdout.splitlines()]
+    assert [(document["path"], document["body"]) for document in documents] == [("/a", body), ("/b", body)]
+    assert "Upgrade: h2c" in upgrade.stderr and orjson.loads(upgrade.stdout)["body"] == "up"
+
