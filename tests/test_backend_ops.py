@@ -167,3 +167,18 @@ def test_sigterm_drains_accepted_requests_and_exits_0(start_backend: StartBacken
     assert rest.count("200") >= busy["REST"] - 1 and grpc_results.count("4096") >= busy["GRPC"]
     assert backend.process.wait(timeout=60) == 0  # type: ignore[union-attr]
     assert "drained; exiting" in backend.log()
+
+
+def test_grpc_outputs_in_tensor_content_and_messages_over_4_mb(start_backend: StartBackend, demo_models: Path) -> None:
+    backend = start_backend("--model_name=mlp", f"--model_base_path={demo_models}/mlp",
+                            "--enable_serialization_as_tensor_content")
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mlp"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.full((2000, 784), 0.25, np.float32)))
+    assert request.ByteSize() > 4 * 1024 * 1024  # past gRPC's default limit
+    with grpc.insecure_channel(f"127.0.0.1:{backend.grpc_port}",
+                               options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+    probabilities = response.outputs["probabilities"]
+    assert probabilities.tensor_content and not probabilities.float_val
+    assert tf.make_ndarray(probabilities).shape == (2000, 10)
