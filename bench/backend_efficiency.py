@@ -10,11 +10,16 @@ batching, against a hand-written Keras server, all on the demo `mlp` (784→1024
   (d) Keras        bench.keras_baseline (aiohttp + `model.predict` per request), the same REST loads
   (e) generator    the REST load generator against the backend's GET /v2/health/live: its own ceiling in
                    requests/s, so a row near it is limited by the client, not the server
-Loads are closed loops from bench.load (REST: one keep-alive connection per request in flight; gRPC: one channel),
-each --seconds after --warmup; servers run one at a time on loopback and are always stopped. A backend that
-refuses --enable_batching at start ("does not support yet") makes (b) a skipped part, with that reason. --quick
-measures fewer parts (batch sizes 1 and 64; 1-row loads only), for tests. Also printed: (b)/(d) in requests/s,
-and "gen CPU", the load generator's own share of one core during each row (it shares the 2 cores).
+  (f) latency      the issue's target, "p99 at 50% of the max sustainable rate <= 3 x batch_timeout_micros + one
+      target       batch's compute time": an open loop of 1-row REST requests to the batching backend at half the
+                   requests/s (b) measured for "REST, 1 row x 64" in this run; one batch's compute is the (a) p50
+                   at the batch size closest to max_batch_size. Reported as met or not, never asserted
+Loads but (f)'s are closed loops from bench.load (REST: one keep-alive connection per request in flight; gRPC:
+one channel), each --seconds after --warmup; servers run one at a time on loopback and are always stopped. A
+backend that refuses --enable_batching at start ("does not support yet") makes (b), and so (f), skipped parts, with
+that reason. --quick measures fewer parts (batch sizes 1 and 64; 1-row loads only), for tests. Also printed:
+(b)/(d) in requests/s, and "gen CPU", the load generator's own share of one core during each row (it shares the 2
+cores).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from backend.batching_config import BatchingParameters, parse_batching_parameters
 from backend.demo_models import ensure_demo_models
 from bench.backend_process import HOST, BackendProcess, ServerExited, ServerProcess, free_port
 from bench.closed_loop import measure
@@ -58,7 +64,8 @@ num_batch_threads { value: 2 }
 UNSUPPORTED = "does not support yet"  # what the backend says, and exits, when a TF Serving flag is not implemented
 HEALTH_PATH = "/v2/health/live"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "backend-efficiency.json"
-PARTS = {"a": "in-process", "b": "batching", "c": "no batching", "d": "Keras", "e": "generator"}
+PARTS = {"a": "in-process", "b": "batching", "c": "no batching", "d": "Keras", "e": "generator",
+         "f": "latency target"}
 COLUMNS = (
     Column("rows/s", 10, lambda result: number(result["rows_per_s"])),
     Column("requests/s", 12, lambda result: number(result["requests_per_s"])),
@@ -90,6 +97,8 @@ class Case:
 
 
 PREDICT_CASES = (Case("rest", 1, 64), Case("grpc", 1, 64), Case("rest", 8, 32), Case("grpc", 8, 32))
+MAX_RATE_CASE = PREDICT_CASES[0]  # (b)'s requests/s on it is the "max sustainable rate" of (f)
+HALF_RATE_KEY = "rest_1_half_rate"
 HEALTH_CASE = Case("health", 0, 64)
 
 
@@ -109,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     base_path = models_dir / MODEL
     cases = PREDICT_CASES[:2] if args.quick else PREDICT_CASES
     batching = args.batching_parameters.read_text() if args.batching_parameters else BATCHING_PARAMETERS
+    parameters = parse_batching_parameters(batching, str(args.batching_parameters or "--batching-parameters"))
     results = _in_process(base_path / str(VERSION), QUICK_BATCH_SIZES if args.quick else BATCH_SIZES, args)
     skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="tfgate-bench-") as workdir:
@@ -121,8 +131,14 @@ def run(args: argparse.Namespace) -> int:
                 backend.wait_ready()
             except ServerExited as exited:
                 skipped["b"] = _unsupported(exited)
+                skipped["f"] = "needs (b)'s max sustainable rate"
             else:
                 results += _serve("b", backend, cases, args)
+                max_rate = _find(results, "b", MAX_RATE_CASE.key)["requests_per_s"]
+                if max_rate:
+                    results.append(_half_rate(backend, max_rate, args))
+                else:
+                    skipped["f"] = f"(b) {MAX_RATE_CASE.label} completed no request"
         with BackendProcess(plain, work / "backend.log") as backend:
             results += _serve("c", backend.wait_ready(), cases, args)
             results += _serve("e", backend, [HEALTH_CASE], args)
@@ -135,13 +151,14 @@ def run(args: argparse.Namespace) -> int:
     for result in results:
         result["vs_in_process"] = ratio(result["rows_per_s"], ceiling["rows_per_s"]) if result["rows"] else None
     ratios = {f"{part}_over_d_requests_per_s": _ratios_to_keras(results, part) for part in ("b", "c")}
+    target = None if "f" in skipped else _latency_target(results, parameters)
     write_json(args.out, {
         "benchmark": "backend-efficiency", "model": MODEL, "version": VERSION, "seconds": args.seconds,
         "warmup_s": args.warmup, "quick": args.quick, "batching_parameters": batching, "environment": environment(),
         "ceiling": {"key": ceiling["key"], "rows_per_s": ceiling["rows_per_s"]}, "results": results,
-        "skipped": skipped, "ratios": ratios})
+        "skipped": skipped, "ratios": ratios, "latency_target": target})
     _plot(args.out.with_suffix(".png"), results, ceiling)
-    _print_report(args, results, skipped, ratios, ceiling)
+    _print_report(args, results, skipped, ratios, ceiling, target)
     return 1 if any(result["errors"] for result in results) else 0
 
 
@@ -171,12 +188,39 @@ def _check_shape(batch: int) -> Callable[[dict[str, np.ndarray]], None]:
 
 
 def _serve(part: str, server: ServerProcess, cases: Iterable[Case], args: argparse.Namespace) -> list[dict[str, Any]]:
-    results = []
-    for case in cases:
-        label = _label(part, case.label)
-        summary = run_load(_target(server, case), Load(case.concurrency, None, args.seconds, args.warmup), label)
-        results.append({"part": part, "key": case.key, "label": label, "rows": case.rows, **summary})
-    return results
+    return [_run(part, server, case, Load(case.concurrency, None, args.seconds, args.warmup), case.key, case.label)
+            for case in cases]
+
+
+def _half_rate(backend: BackendProcess, max_rate: float, args: argparse.Namespace) -> dict[str, Any]:
+    """(f): an open loop, so a stalled batch shows up as queueing latency instead of slowing the load down."""
+    load = Load(MAX_RATE_CASE.concurrency, max_rate / 2, args.seconds, args.warmup)
+    return _run("f", backend, MAX_RATE_CASE, load, HALF_RATE_KEY, f"REST, 1 row, {load.describe()}")
+
+
+def _run(part: str, server: ServerProcess, case: Case, load: Load, key: str, text: str) -> dict[str, Any]:
+    label = _label(part, text)
+    summary = run_load(_target(server, case), load, label)
+    return {"part": part, "key": key, "label": label, "rows": case.rows, **summary}
+
+
+def _find(results: list[dict[str, Any]], part: str, key: str) -> dict[str, Any]:
+    return next(result for result in results if result["part"] == part and result["key"] == key)
+
+
+def _latency_target(results: list[dict[str, Any]], parameters: BatchingParameters) -> dict[str, Any]:
+    """(f) against its bound, 3 x batch_timeout + one batch's compute; `met` is None when a figure is missing."""
+    measured = _find(results, "f", HALF_RATE_KEY)
+    # The closest measured size stands in for a full batch; on a tie the larger one, so the bound is not too tight.
+    compute = min((result for result in results if result["part"] == "a"),
+                  key=lambda result: (abs(result["rows"] - parameters.max_batch_size), -result["rows"]))
+    compute_us, p99_us = compute["latency_us"]["p50"], measured["latency_us"]["p99"]
+    bound_us = None if compute_us is None else 3 * parameters.batch_timeout_micros + compute_us
+    return {"rate": measured["rate"], "max_sustainable_key": MAX_RATE_CASE.key,
+            "max_sustainable_requests_per_s": _find(results, "b", MAX_RATE_CASE.key)["requests_per_s"],
+            "p99_us": p99_us, "batch_timeout_us": parameters.batch_timeout_micros,
+            "batch_compute_key": compute["key"], "batch_compute_us": compute_us, "bound_us": bound_us,
+            "met": None if p99_us is None or bound_us is None else p99_us <= bound_us}
 
 
 def _target(server: ServerProcess, case: Case) -> Target:
@@ -220,7 +264,8 @@ def _plot(path: Path, results: list[dict[str, Any]], ceiling: dict[str, Any]) ->
 
 
 def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipped: dict[str, str],
-                  ratios: dict[str, dict[str, float | None]], ceiling: dict[str, Any]) -> None:
+                  ratios: dict[str, dict[str, float | None]], ceiling: dict[str, Any],
+                  target: dict[str, Any] | None) -> None:
     print(f"\nbackend-efficiency: {MODEL} ({FEATURES}→1024→1024→{CLASSES}), {args.seconds:g} s per row after "
           f"{args.warmup:g} s warm-up; closed loops, 'x N' = N requests in flight; latency in ms; vs (a) = rows/s "
           f"over the in-process ceiling ({ceiling['key'].replace('_', ' ')}: {ceiling['rows_per_s']:.1f} rows/s)")
@@ -235,5 +280,18 @@ def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipp
     if health["generator_cpu"]:
         print(f"(e) generator: {health['requests_per_s']:.0f} requests/s on {health['generator_cpu']:.0%} of a core, "
               f"so about {health['requests_per_s'] / health['generator_cpu']:.0f} requests/s per core of its own")
+    if target:
+        print(_describe_target(target))
     print_errors((result["label"], result) for result in results)
     print(f"results: {args.out}", file=sys.stderr)
+
+
+def _describe_target(target: dict[str, Any]) -> str:
+    def ms(value_us: float | None) -> str:
+        return number(None if value_us is None else value_us / 1e3, 2)
+
+    verdict = {True: "met", False: "NOT met", None: "unknown"}[target["met"]]
+    return (f"(f) latency target: p99 {ms(target['p99_us'])} ms at {target['rate']:.0f} requests/s (50% of (b) "
+            f"{target['max_sustainable_key']}) vs 3 x {ms(target['batch_timeout_us'])} ms batch timeout + "
+            f"{ms(target['batch_compute_us'])} ms (a) {target['batch_compute_key']} p50 = "
+            f"{ms(target['bound_us'])} ms: {verdict}")

@@ -156,9 +156,12 @@ def test_backend_efficiency_quick_measures_every_part_or_says_why_not(demo_model
     assert {("c", key) for key in predicts} <= keys
     if "b" in report["skipped"]:  # until the backend implements --enable_batching
         assert "does not support yet" in report["skipped"]["b"] and "(b) batching: skipped" in printed
+        assert "f" in report["skipped"] and report["latency_target"] is None
     else:
-        assert {("b", key) for key in predicts} <= keys
+        assert {("b", key) for key in predicts} | {("f", "rest_1_half_rate")} <= keys
         assert set(report["ratios"]["b_over_d_requests_per_s"]) == {"rest_1x64"}
+        assert {"rate", "p99_us", "bound_us", "met"} <= set(report["latency_target"])  # met or not: a report
+        assert "(f) latency target: p99" in printed
     for result in report["results"]:
         assert result["count"] > 0 and result["errors"] == 0, (result["label"], result["first_error"])
         assert set(result["latency_us"]) == PERCENTILE_KEYS
