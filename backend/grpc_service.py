@@ -64,11 +64,7 @@ class GrpcContext:
     tensor_content: bool = False
 
     def resolve(self, spec: model_pb2.ModelSpec) -> Servable:
-        if not spec.name:
-            raise errors.InvalidArgument("Missing ModelSpec: the request names no model")
-        choice = spec.WhichOneof("version_choice")
-        return self.manager.resolve(spec.name, spec.version.value if choice == "version" else None,
-                                    spec.version_label if choice == "version_label" else None)
+        return self.manager.resolve(*_named_version(spec))
 
     async def call(self, context: grpc.aio.ServicerContext, prepare: Callable[[], ModelCall], request_bytes: int,
                    finish: Callable[[ModelCall, dict[str, np.ndarray]], Response]) -> Response:
@@ -80,6 +76,15 @@ class GrpcContext:
         outputs = await self.runner.run(call, deadline)
         return await offload_if(output_elements(outputs) > INLINE_OUTPUT_ELEMENTS, self.executor, deadline,
                                 lambda: finish(call, outputs))
+
+
+def _named_version(spec: model_pb2.ModelSpec) -> tuple[str, int | None, str | None]:
+    """A ModelSpec as (name, version, label); at most one of the last two is set."""
+    if not spec.name:
+        raise errors.InvalidArgument("Missing ModelSpec: the request names no model")
+    choice = spec.WhichOneof("version_choice")
+    return (spec.name, spec.version.value if choice == "version" else None,
+            spec.version_label if choice == "version_label" else None)
 
 
 def _rpc(api: str) -> Callable[[Handler], Handler]:
@@ -250,14 +255,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     @_rpc("get_model_status")
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
                              context: grpc.aio.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
-        spec = request.model_spec
-        if not spec.name:
-            raise errors.InvalidArgument("Missing ModelSpec: the request names no model")
-        choice = spec.WhichOneof("version_choice")
-        if choice == "version_label":
-            self.context.manager.label_version(spec.name, spec.version_label)  # unknown labels are errors
-        return status_response(self.context.manager.status(
-            spec.name, spec.version.value if choice == "version" else None))
+        return status_response(self.context.manager.status(*_named_version(request.model_spec)))
 
     @_rpc("handle_reload_config")
     async def HandleReloadConfigRequest(

@@ -109,8 +109,11 @@ class ModelManager:
             raise errors.InvalidArgument(f"Unrecognized servable version label: {label}")
         return model.labels[label]
 
-    def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
-        """Version states, newest first, as TF Serving's GetModelStatus reports them."""
+    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
+        """Version states, newest first, as TF Serving's GetModelStatus reports them: an unknown label is an error,
+        a known one lists every version (as TF Serving does)."""
+        if label is not None:
+            self.label_version(name, label)
         model = self._models.get(name)
         if model is None or not model.statuses:
             raise errors.NotFound(f"Could not find any versions of model {name}")

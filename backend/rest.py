@@ -173,9 +173,7 @@ class RestApi:
         return json_response(200, answer)
 
     def _status(self, target: _Target) -> HttpResponse:
-        if target.label is not None:
-            self._manager.label_version(target.name, target.label)  # unknown: an error; known: list all versions
-        statuses = self._manager.status(target.name, target.version)
+        statuses = self._manager.status(target.name, target.version, target.label)
         return json_response(200, _pretty(to_json_dict(status_response(statuses))))
 
     def _metadata(self, target: _Target, labels: _CallLabels) -> HttpResponse:

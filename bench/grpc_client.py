@@ -21,14 +21,16 @@ from bench.latency import RequestFailed
 _NO_PROXY = ("grpc.enable_http_proxy", 0)
 
 
-def predict_request(model: str, version: int | None, inputs: dict[str, np.ndarray],
-                    signature: str = "") -> predict_pb2.PredictRequest:
-    """A request for `version`, or for the latest one when None."""
+def predict_request(model: str, version: int | None, inputs: dict[str, np.ndarray], signature: str = "",
+                    label: str | None = None) -> predict_pb2.PredictRequest:
+    """A request for `version` or `label`, or for the latest version when neither is given."""
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model
     request.model_spec.signature_name = signature
     if version is not None:
         request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
     for name, value in inputs.items():
         request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
     return request

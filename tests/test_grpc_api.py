@@ -24,6 +24,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from bench import grpc_client
 from tests.conftest import Backend, write_model_config
 
 HPT_ENTRY = ('name: "half_plus_two" base_path: "{models}/half_plus_two" model_version_policy {{ all {{}} }} '
@@ -62,15 +63,7 @@ def model_service(channel: grpc.Channel) -> model_service_pb2_grpc.ModelServiceS
 
 def predict_request(model: str, values: list[float], *, version: int | None = None, label: str | None = None,
                     signature: str = "") -> predict_pb2.PredictRequest:
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = version
-    if label is not None:
-        request.model_spec.version_label = label
-    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array(values, np.float32)))
-    return request
+    return grpc_client.predict_request(model, version, {"x": np.array(values, np.float32)}, signature, label)
 
 
 def examples(*xs: float) -> list[example_pb2.Example]:
