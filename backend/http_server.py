@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -98,19 +99,28 @@ class HttpServer:
     def __init__(self, handler: Handler, *, max_body_bytes: int, header_timeout_s: float = 10.0,
                  keepalive_timeout_s: float = 75.0, error_body: ErrorBody = json_error_body) -> None:
         self.handler = handler
-        self.max_body_bytes = max_body_bytes
         self.error_body = error_body
-        self.deadlines = {_HEAD: header_timeout_s, _BODY: header_timeout_s, _NEXT: keepalive_timeout_s,
-                          _LINGER: header_timeout_s}
+        self.set_limits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout_s,
+                        keepalive_timeout_s=keepalive_timeout_s)
         self.stopping = False
         self._listener: asyncio.Server | None = None
         self._port = 0
         self._connections: set[_Connection] = set()  # open, or still running a handler
         self._all_gone: asyncio.Future[None] | None = None  # made by shutdown()
 
-    async def start(self, host: str, port: int) -> None:
+    def set_limits(self, *, max_body_bytes: int, header_timeout_s: float, keepalive_timeout_s: float) -> None:
+        """New limits for requests from now on (a config reload); connections keep the deadline already armed."""
+        self.max_body_bytes = max_body_bytes
+        self.deadlines = {_HEAD: header_timeout_s, _BODY: header_timeout_s, _NEXT: keepalive_timeout_s,
+                          _LINGER: header_timeout_s}
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on host:port (0: a free port); with `ssl_context`, TLS, whose handshake must finish within the
+        header timeout, so a client that stalls it cannot hold a connection."""
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(lambda: _Connection(self, loop), host, port, reuse_address=True)
+        self._listener = await loop.create_server(
+            lambda: _Connection(self, loop), host, port, reuse_address=True, ssl=ssl_context,
+            ssl_handshake_timeout=self.deadlines[_HEAD] if ssl_context is not None else None)
         self._port = self._listener.sockets[0].getsockname()[1]
 
     @property

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from backend.demo_models import ensure_demo_models
+from gateway.__main__ import add_arguments as add_gateway_arguments
+from gateway.__main__ import run as run_gateway
 from gateway.certs import write_dev_certs
 
 DEMO_MODELS = ("half_plus_two", "half_plus_two_tf1", "mlp", "strings")
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="names and addresses the server certificate is valid for")
     certs.add_argument("--force", action="store_true", help="replace existing certificates")
     certs.set_defaults(run=_certs)
+    gateway = commands.add_parser("gateway", help="run the TLS gateway in front of backends (see configs/gateway.yaml)")
+    add_gateway_arguments(gateway)
+    gateway.set_defaults(run=run_gateway)
     models = commands.add_parser("demo-models", help="build the demo SavedModels (cached) and print where")
     models.set_defaults(run=lambda _args: print(ensure_demo_models()) or 0)
     args = parser.parse_args(argv)

@@ -1,0 +1,428 @@
+"""The gateway's YAML config, read into one frozen tree of typed values. The only module that reads YAML.
+
+How it works: PyYAML's safe loader (refusing duplicate keys, which it would otherwise let the last one win) gives
+plain data; a Draft 2020-12 JSON Schema checks shapes, types, ranges and unknown keys (`additionalProperties: false`
+everywhere); then the rules a schema cannot say well (addresses, references between routes and pools, one route per
+model, exactly one of version/label in a split) are checked while the frozen dataclasses are built.
+
+Guarantees: a config either comes back whole or raises one `ConfigError` whose message starts with the dotted key
+path (`routes[1].split[0].weight: ...`). A key whose value is null counts as absent, so `client_ca: ~` or a section
+whose lines are all commented out takes the defaults (unquoted `none`, as in `client_cert: none`, is the string
+"none" in YAML, not null). Relative paths resolve against the current working directory, as nginx and Envoy do;
+certificate files are not opened here (the gateway reports its own TLS errors). Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import jsonschema
+import yaml
+from jsonschema.exceptions import ValidationError, best_match
+
+BalancerKind = Literal["round_robin", "least_latency"]
+ClientCertMode = Literal["none", "optional", "required"]
+
+
+class ConfigError(Exception):
+    """A config the gateway cannot run with; the message names the key path first, for the person editing the file."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str  # an IPv6 address without its brackets
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    https: HostPort = HostPort("0.0.0.0", 8443)
+    admin: HostPort = HostPort("127.0.0.1", 9901)  # loopback: the admin API reloads config and shows state
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    client_cert: ClientCertMode = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 16 * 1024 * 1024
+    header_timeout_s: float = 10
+    request_timeout_s: float = 30
+    idle_timeout_s: float = 75
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    interval_s: float = 2
+    timeout_s: float = 1
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+    path: str = "/v2/health/ready"
+    jitter_percent: float = 10
+
+
+_MAX_EJECTION_S = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Outlier:
+    consecutive_failures: int = 5
+    ejection_s: float = 30
+    max_ejection_s: float = _MAX_EJECTION_S  # absent from the file: max(300, ejection_s), as Envoy's max_ejection_time
+    max_ejected_percent: float = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int = 2  # tries per request, the first one included: 1 never retries
+    budget_percent: float = 20
+    min_retries_per_s: float = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    rest: HostPort  # the backend's identity: health state and connection pools are keyed by str(rest)
+    grpc: HostPort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    name: str
+    backends: tuple[Backend, ...]
+    balancer: BalancerKind = "least_latency"
+    health_check: HealthCheck = HealthCheck()
+    outlier: Outlier = Outlier()
+    retries: Retries = Retries()
+    panic_threshold_percent: float = 50
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTarget:
+    weight: int
+    version: int | None = None  # exactly one of version / label is set
+    label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str  # "*" matches any model without a route of its own
+    pool: str
+    split: tuple[SplitTarget, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    tls: TlsConfig
+    pools: Mapping[str, Pool]
+    routes: tuple[Route, ...]
+    listen: Listen = Listen()
+    limits: Limits = Limits()
+    expose_upstream_header: bool = False
+    source: str = "<text>"
+
+    def __post_init__(self) -> None:
+        # Read-only even when built in code, so a snapshot shared by every request cannot be changed under it.
+        object.__setattr__(self, "pools", types.MappingProxyType(dict(self.pools)))
+        object.__setattr__(self, "routes", tuple(self.routes))
+
+
+def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None) -> GatewayConfig:
+    """Parse and check a YAML config; relative paths resolve against `base_dir`, by default the working directory."""
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid YAML{where}: {exc.problem or exc.context}") from exc
+    except yaml.reader.ReaderError as exc:  # a character YAML forbids, such as NUL: reported by offset only
+        line, column = text.count("\n", 0, exc.position) + 1, exc.position - text.rfind("\n", 0, exc.position)
+        raise ConfigError(f"invalid YAML at line {line}, column {column}: {exc.reason} "
+                          f"({chr(exc.character)!r})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}") from exc
+    if doc is None:
+        raise ConfigError("the config is empty; it needs at least tls, pools and routes")
+    if not isinstance(doc, dict):
+        raise ConfigError(f"the config must be a mapping of keys, not a {type(doc).__name__}")
+    doc = _drop_nulls(doc, _SCHEMA, [])
+    error = best_match(_Validator(_SCHEMA).iter_errors(doc))
+    if error is not None:
+        raise _schema_error(error)
+    return _build(doc, source, base_dir if base_dir is not None else Path.cwd())
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read and parse a config file; a file that cannot be read is a ConfigError naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return parse_config(text, source=str(path))
+
+
+def redacted(config: GatewayConfig) -> dict[str, Any]:
+    """The config as JSON-able data, in the file's shape, for GET /admin/config (no secrets exist in it yet)."""
+    out = cast(dict[str, Any], _jsonable(config))
+    for pool in out["pools"].values():
+        del pool["name"]  # it is the key already
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, HostPort):
+            return str(value)
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ---- YAML and schema ---------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (two `cpu:` pools would silently become one)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _object(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+_DURATION = {"type": "number", "exclusiveMinimum": 0}
+_PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
+_THRESHOLD = {"type": "integer", "minimum": 1}
+_STRING = {"type": "string", "minLength": 1}
+
+_SCHEMA = _object({
+    "listen": _object({"https": {"type": "string"}, "admin": {"type": "string"}}),
+    "tls": _object({
+        "cert": _STRING, "key": _STRING, "client_ca": _STRING,
+        "client_cert": {"enum": ["none", "optional", "required"]},
+    }, required=("cert", "key")),
+    "limits": _object({
+        "max_body_bytes": {"type": "integer", "minimum": 1},
+        "header_timeout_s": _DURATION, "request_timeout_s": _DURATION, "idle_timeout_s": _DURATION,
+    }),
+    "pools": {
+        "type": "object", "minProperties": 1, "propertyNames": {"type": "string", "minLength": 1},
+        "additionalProperties": _object({
+            "balancer": {"enum": ["round_robin", "least_latency"]},
+            "health_check": _object({
+                "interval_s": _DURATION, "timeout_s": _DURATION,
+                "unhealthy_threshold": _THRESHOLD, "healthy_threshold": _THRESHOLD,
+                "path": {"type": "string", "pattern": "^/"}, "jitter_percent": _PERCENT,
+            }),
+            "outlier": _object({
+                "consecutive_failures": _THRESHOLD, "ejection_s": _DURATION, "max_ejection_s": _DURATION,
+                "max_ejected_percent": _PERCENT,
+            }),
+            "retries": _object({
+                "attempts": {"type": "integer", "minimum": 1}, "budget_percent": _PERCENT,
+                "min_retries_per_s": {"type": "number", "minimum": 0},
+            }),
+            "panic_threshold_percent": _PERCENT,
+            "backends": {
+                "type": "array", "minItems": 1,
+                "items": _object({"rest": {"type": "string"}, "grpc": {"type": "string"}}, required=("rest",)),
+            },
+        }, required=("backends",)),
+    },
+    "routes": {
+        "type": "array", "minItems": 1,
+        "items": _object({
+            "model": _STRING, "pool": _STRING,
+            "split": {"type": "array", "items": _object({
+                "weight": {"type": "integer", "minimum": 1},
+                "version": {"type": "integer", "minimum": 0},
+                "label": _STRING,
+            }, required=("weight",))},
+        }, required=("model", "pool")),
+    },
+    "expose_upstream_header": {"type": "boolean"},
+}, required=("tls", "pools", "routes"))
+
+# JSON Schema counts 2.0 as an integer; a count or a port written as a float is a mistake worth naming.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)),
+)
+
+
+def _key_path(parts: Any) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _drop_nulls(value: Any, schema: Mapping[str, Any], path: list[Any]) -> Any:
+    """Drop known keys whose value is null (absent, so defaults apply) and refuse NaN and infinities.
+
+    Unknown keys keep their nulls so the schema still reports them.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError("must be a finite number", _key_path(path))
+    if isinstance(value, dict):
+        known = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {key: _drop_nulls(item, known.get(key, extra if isinstance(extra, dict) else {}), [*path, key])
+                for key, item in value.items() if not (item is None and key in known)}
+    if isinstance(value, list):
+        return [_drop_nulls(item, schema.get("items", {}), [*path, index]) for index, item in enumerate(value)]
+    return value
+
+
+def _schema_error(error: ValidationError) -> ConfigError:
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = list(error.schema.get("properties", {}))
+        unknown = next(key for key in error.instance if key not in known)
+        close = difflib.get_close_matches(str(unknown), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(known)}"
+        return ConfigError(f"unknown key{hint}", _key_path([*path, str(unknown)]))
+    if error.validator == "required":
+        missing = next(key for key in error.validator_value if key not in error.instance)
+        return ConfigError("required key is missing", _key_path([*path, missing]))
+    if "propertyNames" in error.relative_schema_path:
+        return ConfigError(f"names here are non-empty strings, not {error.instance!r}", _key_path(path))
+    return ConfigError(error.message, _key_path(path))
+
+
+# ---- building the typed tree, with the rules the schema cannot express -------------------------------------------
+
+_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?")
+
+
+def _host_port(text: str, key: str, *, allow_any_port: bool = False) -> HostPort:
+    """Parse "host:port" or "[v6]:port"; port 0 (any free port, for tests) only where `allow_any_port`."""
+    host, sep, port = text.rpartition(":")
+    if "/" in text:
+        raise ConfigError(f"expected host:port, without a scheme or path, got {text!r}", key)
+    if not sep or not host or not _PORT.fullmatch(port):
+        raise ConfigError(f"expected host:port (e.g. 127.0.0.1:8501 or [::1]:8501), got {text!r}", key)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{host!r} in brackets is not an IPv6 address", key) from None
+    elif ":" in host:
+        raise ConfigError(f"an IPv6 address needs brackets: [{host}]:{port}", key)
+    elif not _HOSTNAME.fullmatch(host):
+        raise ConfigError(f"{host!r} is not a host name or IP address", key)
+    elif re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"{host!r} is not an IPv4 address", key) from None
+    number = int(port)
+    if not (0 if allow_any_port else 1) <= number <= 65535:
+        raise ConfigError(f"port {number} is out of range {0 if allow_any_port else 1}..65535", key)
+    return HostPort(host, number)
+
+
+def _build(doc: dict[str, Any], source: str, base_dir: Path) -> GatewayConfig:
+    listen_doc = doc.get("listen", {})
+    listen = Listen(**{name: _host_port(text, f"listen.{name}", allow_any_port=True)
+                       for name, text in listen_doc.items()})
+    if listen.https == listen.admin and listen.https.port != 0:
+        raise ConfigError(f"{listen.admin} is also listen.https", "listen.admin")
+
+    tls_doc = doc["tls"]
+    client_ca = tls_doc.get("client_ca")
+    tls = TlsConfig(cert=base_dir / tls_doc["cert"], key=base_dir / tls_doc["key"],
+                    client_ca=base_dir / client_ca if client_ca is not None else None,
+                    client_cert=tls_doc.get("client_cert", "none"))
+    if tls.client_cert != "none" and tls.client_ca is None:
+        raise ConfigError(f"client_cert {tls.client_cert!r} needs tls.client_ca to verify clients with",
+                          "tls.client_cert")
+
+    pools = {name: _pool(name, pool_doc) for name, pool_doc in doc["pools"].items()}
+    return GatewayConfig(tls=tls, pools=pools, routes=_routes(doc["routes"], pools), listen=listen,
+                         limits=Limits(**doc.get("limits", {})),
+                         expose_upstream_header=doc.get("expose_upstream_header", False), source=source)
+
+
+def _pool(name: str, doc: dict[str, Any]) -> Pool:
+    key = f"pools.{name}"
+    backends: list[Backend] = []
+    for index, backend_doc in enumerate(doc["backends"]):
+        backend_key = f"{key}.backends[{index}]"
+        grpc = backend_doc.get("grpc")
+        backend = Backend(rest=_host_port(backend_doc["rest"], f"{backend_key}.rest"),
+                          grpc=_host_port(grpc, f"{backend_key}.grpc") if grpc is not None else None)
+        for earlier_index, earlier in enumerate(backends):
+            if earlier.rest == backend.rest:
+                raise ConfigError(f"{backend.rest} is already {key}.backends[{earlier_index}]", f"{backend_key}.rest")
+        backends.append(backend)
+
+    outlier_doc = {"max_ejection_s": max(_MAX_EJECTION_S, doc.get("outlier", {}).get("ejection_s", 0)),
+                   **doc.get("outlier", {})}
+    outlier = Outlier(**outlier_doc)
+    if outlier.max_ejection_s < outlier.ejection_s:
+        raise ConfigError(f"must be at least ejection_s ({outlier.ejection_s})", f"{key}.outlier.max_ejection_s")
+    scalars = {field: doc[field] for field in ("balancer", "panic_threshold_percent") if field in doc}
+    return Pool(name=name, backends=tuple(backends), health_check=HealthCheck(**doc.get("health_check", {})),
+                outlier=outlier, retries=Retries(**doc.get("retries", {})), **scalars)
+
+
+def _routes(docs: list[dict[str, Any]], pools: Mapping[str, Pool]) -> tuple[Route, ...]:
+    routes: list[Route] = []
+    first_index: dict[str, int] = {}
+    for index, doc in enumerate(docs):
+        key = f"routes[{index}]"
+        model, pool = doc["model"], doc["pool"]
+        if model in first_index:
+            raise ConfigError(f"model {model!r} already has a route, routes[{first_index[model]}]", f"{key}.model")
+        first_index[model] = index
+        if pool not in pools:
+            raise ConfigError(f"no pool named {pool!r} (pools: {', '.join(pools)})", f"{key}.pool")
+        split: list[SplitTarget] = []
+        for split_index, target_doc in enumerate(doc.get("split", ())):
+            target_key = f"{key}.split[{split_index}]"
+            target = SplitTarget(**target_doc)
+            if (target.version is None) == (target.label is None):
+                raise ConfigError("needs exactly one of version, label", target_key)
+            if any((t.version, t.label) == (target.version, target.label) for t in split):
+                what = f"version {target.version}" if target.label is None else f"label {target.label!r}"
+                raise ConfigError(f"{what} is listed twice", target_key)
+            split.append(target)
+        routes.append(Route(model=model, pool=pool, split=tuple(split)))
+    return tuple(routes)

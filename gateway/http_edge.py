@@ -1,0 +1,125 @@
+"""The public REST endpoint: TF Serving's REST API over TLS, each request routed by model and forwarded to a backend.
+
+How a request flows: read the current snapshot once → parse the model, version or label from the URL → route
+(a URL without a version or label follows the route's weighted split, by rewriting the path to the chosen
+`/versions/N` or `/labels/L`) → forward through the pool (balancing, retries) → answer with the backend's status
+and body untouched. Errors of the gateway's own (unknown model 404, no healthy backend 503, backend failure 502,
+timeout 504) are TF Serving's `{"error": "..."}`. Every request gets an id (the client's `x-request-id` when it
+is sane, else a new one), sent upstream and returned; one access-log line and the metrics record it.
+
+Credentials the client sent (`authorization`, `x-api-key`, cookies) are never forwarded to backends.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import uuid
+from typing import Callable, Protocol
+from urllib.parse import quote
+
+import orjson
+
+from backend.http_server import HttpRequest, HttpResponse
+from gateway import accesslog, errors
+from gateway.accesslog import AccessRecord
+from gateway.metrics import GatewayMetrics
+from gateway.routes import RouteDecision
+from gateway.snapshot import Snapshot
+from gateway.upstream import Attempts, Upstreams
+
+_MODEL_URL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d{1,18})|/labels/(?P<label>[^/:]+))?"
+                        r"(?P<tail>:(?:predict|classify|regress)|/metadata)?", re.IGNORECASE)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Not forwarded: hop-by-hop headers (RFC 9110 7.6.1), ones the gateway sets itself, and client credentials.
+_NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+                            "upgrade", "host", "content-length", "expect", "authorization", "x-api-key", "cookie",
+                            "x-request-id", "x-forwarded-for"})
+_NOT_RETURNED = frozenset({b"content-type", b"content-length", b"date", b"server", b"x-request-id",
+                           b"x-tfgate-upstream"})
+
+
+class SnapshotSource(Protocol):
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+
+class Edge:
+    def __init__(self, source: SnapshotSource, upstreams: Upstreams, metrics: GatewayMetrics,
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self._upstreams = upstreams
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._clock = clock
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        snapshot = self._source.snapshot
+        started = self._clock()
+        given = request.headers.get("x-request-id", "")
+        record = AccessRecord(request_id=given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex,
+                              method=request.method, path=request.path, peer=request.peer,
+                              bytes_in=len(request.body))
+        attempts = Attempts()
+        with self._metrics.in_flight():
+            try:
+                response = await self._forward(snapshot, request, record, attempts)
+            except errors.GatewayError as error:
+                record.error = error.message
+                response = HttpResponse(status=error.status, body=orjson.dumps({"error": error.message}))
+            record.status, record.attempts = response.status, attempts.count
+            record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
+            elapsed = self._clock() - started
+            record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), len(response.body)
+            extra = [("x-request-id", record.request_id)]
+            if snapshot.config.expose_upstream_header and attempts.upstream:
+                extra.append(("x-tfgate-upstream", attempts.upstream))
+            response.headers = [*response.headers, *extra]
+            self._metrics.observe_request(model=record.model, route=record.route, status=response.status,
+                                          upstream=attempts.upstream, seconds=elapsed)
+            accesslog.write(record)
+            return response
+
+    async def _forward(self, snapshot: Snapshot, request: HttpRequest, record: AccessRecord,
+                       attempts: Attempts) -> HttpResponse:
+        match = _MODEL_URL.fullmatch(request.path)
+        if match is None:
+            raise errors.NotFound(f"No such endpoint: {request.method} {request.path}")
+        name, url_version, url_label = match["name"], match["version"], match["label"]
+        version = None if url_version is None else int(url_version)
+        decision = snapshot.routes.route(name, version, url_label, self._rng)
+        record.model = name
+        if decision is None:
+            raise errors.NotFound(f"Servable not found for request: Latest({name})")
+        record.route, record.pool = decision.route, decision.pool
+        record.version, record.label = decision.version, decision.label
+        path = _upstream_path(request, match, decision)
+        headers = [(key, value) for key, value in request.headers.items() if key not in _NOT_FORWARDED]
+        headers += [("x-request-id", record.request_id), ("x-forwarded-for", request.peer.rsplit(":", 1)[0])]
+        deadline = self._clock() + snapshot.config.limits.request_timeout_s
+        forwarded = await self._upstreams.forward(snapshot.pools[decision.pool], request.method, path, headers,
+                                                  request.body, deadline, attempts)
+        upstream = forwarded.response
+        content_type = "application/json"
+        returned = []
+        for key, value in upstream.headers:
+            lowered = key.lower()
+            if lowered == b"content-type":
+                content_type = value.decode("latin-1")
+            elif lowered not in _NOT_RETURNED:
+                returned.append((key.decode("latin-1"), value.decode("latin-1")))
+        return HttpResponse(status=upstream.status, body=upstream.body, content_type=content_type, headers=returned)
+
+
+def _upstream_path(request: HttpRequest, match: re.Match[str], decision: RouteDecision) -> str:
+    """The path sent upstream: as the client wrote it, except that an inference call the split sent to a version
+    or label names it."""
+    path = request.path
+    tail = match["tail"] or ""
+    explicit = match["version"] is not None or match["label"] is not None
+    if tail.startswith(":") and not explicit and (decision.version is not None or decision.label is not None):
+        chosen = f"/versions/{decision.version}" if decision.version is not None else f"/labels/{decision.label}"
+        path = f"/v1/models/{match['name']}{chosen}{tail}"
+    path = quote(path, safe="/:")  # the server handed us the decoded path
+    return f"{path}?{request.query}" if request.query else path

@@ -1,0 +1,89 @@
+"""The gateway's Prometheus metrics, declared in one place on a registry passed in (tests read values from it).
+
+Label cardinality is bounded by the config: models (as routed), routes, pools and upstream addresses; status codes.
+Children are cached per label set, since `labels()` takes a lock and builds a key on every call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+UpstreamState = Literal["healthy", "unhealthy", "ejected"]
+STATES: tuple[UpstreamState, ...] = ("healthy", "unhealthy", "ejected")
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self._requests = Counter("tfgate_gateway_requests", "Requests answered, by model, route, status and the "
+                                 "upstream that answered (\"\" when none did).",
+                                 ["model", "route", "code", "upstream"], registry=reg)
+        self._duration = Histogram("tfgate_gateway_request_duration_seconds", "Time from a complete request to its "
+                                   "answer, through the gateway.", ["model", "route"], buckets=_LATENCY_BUCKETS,
+                                   registry=reg)
+        self._upstream_duration = Histogram("tfgate_gateway_upstream_duration_seconds", "Time of each attempt at "
+                                            "a backend.", ["pool", "upstream"], buckets=_LATENCY_BUCKETS, registry=reg)
+        self._in_flight = Gauge("tfgate_gateway_requests_in_flight", "Requests being answered.", registry=reg)
+        self._state = Gauge("tfgate_gateway_upstream_state", "1 for the state each backend is in.",
+                            ["pool", "upstream", "state"], registry=reg)
+        self._ejections = Counter("tfgate_gateway_upstream_ejections", "Outlier ejections of a backend after "
+                                  "consecutive failures.", ["pool", "upstream"], registry=reg)
+        self._retries = Counter("tfgate_gateway_retries", "Retries of a failed attempt on another backend.",
+                                ["pool"], registry=reg)
+        self._retries_refused = Counter("tfgate_gateway_retries_over_budget", "Retries the pool's retry budget "
+                                        "refused.", ["pool"], registry=reg)
+        self._reloads = Counter("tfgate_gateway_config_reloads", "Config reloads, by result.", ["result"],
+                                registry=reg)
+        self._config_ok = Gauge("tfgate_gateway_config_last_reload_successful", "Whether the last reload applied "
+                                "(1) or was rejected (0).", registry=reg)
+        self._config_ok.set(1)
+        for result in ("success", "failure"):
+            self._reloads.labels(result)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def in_flight(self) -> Any:
+        return self._in_flight.track_inprogress()
+
+    def observe_request(self, *, model: str, route: str, status: int, upstream: str, seconds: float) -> None:
+        self._child(self._requests, model, route, str(status), upstream).inc()
+        self._child(self._duration, model, route).observe(seconds)
+
+    def observe_attempt(self, *, pool: str, upstream: str, seconds: float) -> None:
+        self._child(self._upstream_duration, pool, upstream).observe(seconds)
+
+    def set_state(self, *, pool: str, upstream: str, state: UpstreamState) -> None:
+        for each in STATES:
+            self._child(self._state, pool, upstream, each).set(1 if each == state else 0)
+
+    def forget_upstream(self, *, pool: str, upstream: str) -> None:
+        """A backend that left the config stops being exported."""
+        for metric in (self._state, self._ejections, self._upstream_duration):
+            metric.remove_by_labels({"pool": pool, "upstream": upstream})
+        self._children = {key: child for key, child in self._children.items() if upstream not in key[1:]}
+
+    def ejected(self, *, pool: str, upstream: str) -> None:
+        self._child(self._ejections, pool, upstream).inc()
+
+    def retried(self, pool: str) -> None:
+        self._child(self._retries, pool).inc()
+
+    def retry_refused(self, pool: str) -> None:
+        self._child(self._retries_refused, pool).inc()
+
+    def reloaded(self, ok: bool) -> None:
+        self._reloads.labels("success" if ok else "failure").inc()
+        self._config_ok.set(1 if ok else 0)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,273 @@
+"""Pools of backends at run time: each backend's connection pool, health and load, the active health checks, and
+forwarding a request with bounded retries.
+
+How it works: `Upstreams` keeps one `BackendRuntime` per backend address across reloads, so a backend present in
+the old and the new config keeps its connections, health state and latency estimate. `build()` makes the pools of
+a new config from it; backends that left are closed once the requests still using them finish (or after the
+request timeout). Each backend has one health-check task (GET its readiness path on the interval with jitter).
+`forward()` asks the pool for candidates (healthy ones, or all in panic mode), lets the balancer pick, and sends;
+a failure before a complete response (connect, reset) or a 502/503 from the backend is retried on a backend not
+tried yet, while attempts, the deadline and the pool's retry budget allow. Every attempt feeds the balancer's load
+and the passive outlier detection.
+
+Guarantees: no task outlives `close()`; a request never waits past its deadline; a backend's own 4xx/5xx other
+than 502/503 passes through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from gateway import errors
+from gateway.balancer import LeastLatency, RoundRobin, UpstreamLoad, make_balancer
+from gateway.config import Backend, GatewayConfig, Pool
+from gateway.health import BackendHealth, State, candidates, may_eject, next_check_delay
+from gateway.metrics import GatewayMetrics
+from gateway.retry_budget import RetryBudget
+from gateway.upstream_http import HttpPool, UpstreamError, UpstreamResponse
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({502, 503})
+
+
+@dataclass(eq=False)
+class BackendRuntime:
+    """One backend's live state, shared by every pool and snapshot that names its address."""
+
+    address: Backend
+    http: HttpPool
+    health: BackendHealth
+    load: UpstreamLoad
+    pool: str  # the pool it is in (a backend address belongs to one pool)
+    checker: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.address.rest)
+
+    def state(self, now: float) -> State:
+        return self.health.state(now)
+
+
+@dataclass(eq=False)
+class PoolRuntime:
+    config: Pool
+    backends: tuple[BackendRuntime, ...]
+    balancer: RoundRobin | LeastLatency
+    budget: RetryBudget
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    response: UpstreamResponse
+    backend: BackendRuntime
+    attempts: int
+    upstream_s: float
+
+
+@dataclass(slots=True)
+class Attempts:
+    """What forward() did, for the access log, even when it failed."""
+
+    count: int = 0
+    upstream: str = ""
+    upstream_s: float = 0.0
+    tried: list[BackendRuntime] = field(default_factory=list)
+
+
+class Upstreams:
+    def __init__(self, metrics: GatewayMetrics, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._backends: dict[str, BackendRuntime] = {}
+        self._pools: dict[str, PoolRuntime] = {}
+        self._retiring: dict[asyncio.Task[None], BackendRuntime] = {}
+
+    def build(self, config: GatewayConfig) -> dict[str, PoolRuntime]:
+        """The pools of `config`, reusing the state of every backend already known; starts checks for new ones.
+        Call apply() once the snapshot holding them is in place."""
+        pools: dict[str, PoolRuntime] = {}
+        for pool in config.pools.values():
+            runtimes = tuple(self._runtime(pool, backend) for backend in pool.backends)
+            previous = self._pools.get(pool.name)
+            if previous is not None and previous.config.balancer == pool.balancer:
+                balancer, budget = previous.balancer, previous.budget
+                budget.reconfigure(pool.retries.budget_percent, pool.retries.min_retries_per_s)
+            else:
+                balancer = make_balancer(pool.balancer, self._rng)
+                budget = RetryBudget(pool.retries.budget_percent, pool.retries.min_retries_per_s)
+            pools[pool.name] = PoolRuntime(pool, runtimes, balancer, budget)
+        return pools
+
+    def _runtime(self, pool: Pool, backend: Backend) -> BackendRuntime:
+        key = str(backend.rest)
+        runtime = self._backends.get(key)
+        if runtime is None or runtime.pool != pool.name:
+            runtime = BackendRuntime(address=backend,
+                                     http=HttpPool(backend.rest.host, backend.rest.port,
+                                                   connect_timeout_s=pool.health_check.timeout_s),
+                                     health=BackendHealth(pool.health_check, pool.outlier), load=UpstreamLoad(),
+                                     pool=pool.name)
+        else:
+            runtime.address = backend
+            runtime.health.reconfigure(pool.health_check, pool.outlier)
+        return runtime
+
+    def apply(self, pools: Mapping[str, PoolRuntime], request_timeout_s: float) -> None:
+        """Make `pools` the live set: start checks for new backends, retire those no pool names any more."""
+        live = {backend.name: backend for pool in pools.values() for backend in pool.backends}
+        for name, old in self._backends.items():
+            if live.get(name) is not old:
+                self._retire(old, request_timeout_s)
+        for backend in live.values():
+            if backend.checker is None:
+                backend.checker = asyncio.create_task(self._check_forever(backend, pools[backend.pool].config),
+                                                      name=f"health-check {backend.name}")
+                self._metrics.set_state(pool=backend.pool, upstream=backend.name, state="healthy")
+        self._backends, self._pools = live, dict(pools)
+
+    def _retire(self, backend: BackendRuntime, grace_s: float) -> None:
+        if backend.checker is not None:
+            backend.checker.cancel()
+        self._metrics.forget_upstream(pool=backend.pool, upstream=backend.name)
+        task = asyncio.create_task(self._close_when_idle(backend, grace_s), name=f"retire {backend.name}")
+        self._retiring[task] = backend
+        task.add_done_callback(self._retiring.pop)
+
+    @staticmethod
+    async def _close_when_idle(backend: BackendRuntime, grace_s: float) -> None:
+        """Requests that started on the old snapshot finish first (bounded by the request timeout)."""
+        if backend.checker is not None:
+            await asyncio.gather(backend.checker, return_exceptions=True)
+        deadline = time.monotonic() + grace_s
+        while backend.load.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await backend.http.close()
+
+    async def _check_forever(self, backend: BackendRuntime, pool: Pool) -> None:
+        while True:
+            check = pool.health_check
+            ok = await self._probe(backend, check.path, check.timeout_s)
+            now = self._clock()
+            before = backend.state(now)
+            backend.health.active_result(ok, now)
+            after = backend.state(now)
+            if after != before:
+                log.warning("backend %s (pool %s) is now %s", backend.name, backend.pool, after)
+                self._metrics.set_state(pool=backend.pool, upstream=backend.name, state=after)
+            await asyncio.sleep(next_check_delay(check, self._rng))
+            pool = self._pools[backend.pool].config if backend.pool in self._pools else pool
+
+    @staticmethod
+    async def _probe(backend: BackendRuntime, path: str, timeout_s: float) -> bool:
+        try:
+            response = await backend.http.request("GET", path, [("host", backend.name)], b"", timeout_s)
+        except UpstreamError:
+            return False
+        return response.status == 200
+
+    async def forward(self, pool: PoolRuntime, method: str, path: str, headers: Sequence[tuple[str, str]],
+                      body: bytes, deadline: float, attempts: Attempts) -> Forwarded:
+        """Send the request to a backend of `pool`, retrying as the module docstring says."""
+        budget, limit = pool.budget, pool.config.retries.attempts
+        budget.record_request(self._clock())
+        last_error: errors.GatewayError | None = None
+        while attempts.count < limit:
+            now = self._clock()
+            backend = self._pick(pool, attempts.tried, now)
+            if backend is None:
+                break
+            if attempts.count and not budget.try_retry(now):
+                self._metrics.retry_refused(pool.name)
+                break
+            if attempts.count:
+                self._metrics.retried(pool.name)
+            remaining = deadline - now
+            if remaining <= 0:
+                raise errors.GatewayTimeout("Request timed out before a backend answered")
+            attempts.count += 1
+            attempts.tried.append(backend)
+            attempts.upstream = backend.name
+            started = self._clock()
+            backend.load.start()
+            try:
+                response = await backend.http.request(method, path, [*headers, ("host", backend.name)], body,
+                                                      remaining)
+            except UpstreamError as error:
+                self._finish(pool, backend, started, ok=False, attempts=attempts)
+                if error.kind == "timeout":
+                    raise errors.GatewayTimeout(f"Backend {backend.name} did not answer in time") from None
+                last_error = errors.BadGateway(f"Backend {backend.name} failed: {error}")
+                if not error.retryable:
+                    raise last_error from None
+                continue
+            failed = response.status in RETRYABLE_STATUSES
+            self._finish(pool, backend, started, ok=not failed, attempts=attempts)
+            if failed and attempts.count < limit and self._pick(pool, attempts.tried, self._clock()) is not None:
+                continue
+            return Forwarded(response, backend, attempts.count, attempts.upstream_s)
+        if last_error is not None:
+            raise last_error
+        raise errors.Unavailable(f"No healthy backend in pool '{pool.name}'")
+
+    def _pick(self, pool: PoolRuntime, tried: Sequence[BackendRuntime], now: float) -> BackendRuntime | None:
+        usable, _panic = candidates([(backend, backend.state(now)) for backend in pool.backends],
+                                    pool.config.panic_threshold_percent)
+        fresh = [backend for backend in usable if backend not in tried]
+        if not fresh:
+            return None
+        return pool.balancer.pick(fresh, _load_of, now)
+
+    def _finish(self, pool: PoolRuntime, backend: BackendRuntime, started: float, *, ok: bool,
+                attempts: Attempts) -> None:
+        now = self._clock()
+        elapsed = now - started
+        attempts.upstream_s += elapsed
+        backend.load.finish(elapsed, ok, now)
+        self._metrics.observe_attempt(pool=pool.name, upstream=backend.name, seconds=elapsed)
+        states = [other.state(now) for other in pool.backends]
+        if backend.health.passive_result(ok, now, may_eject(states, pool.config.outlier.max_ejected_percent)):
+            log.warning("backend %s (pool %s) ejected after %d consecutive failures", backend.name, pool.name,
+                        pool.config.outlier.consecutive_failures)
+            self._metrics.ejected(pool=pool.name, upstream=backend.name)
+            self._metrics.set_state(pool=pool.name, upstream=backend.name, state="ejected")
+
+    def describe(self, now: float) -> dict[str, list[dict[str, object]]]:
+        """GET /admin/backends: every pool's backends with their state and load."""
+        return {name: [{"rest": backend.name, "grpc": None if backend.address.grpc is None
+                        else str(backend.address.grpc), "state": backend.state(now),
+                        "ewma_ms": round(backend.load.ewma.estimate(now) * 1000, 3),
+                        "in_flight": backend.load.in_flight, "requests": backend.load.requests,
+                        "failures": backend.load.failures, "ejections": backend.health.ejections,
+                        "connections": {"open": backend.http.open, "idle": backend.http.idle}}
+                       for backend in pool.backends]
+                for name, pool in self._pools.items()}
+
+    async def close(self) -> None:
+        """Cancel every check, close every pool; retiring backends close too."""
+        tasks = [backend.checker for backend in self._backends.values() if backend.checker is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        retiring = dict(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        await asyncio.gather(*(backend.http.close() for backend in [*self._backends.values(), *retiring.values()]))
+        self._backends.clear()
+
+
+def _load_of(backend: BackendRuntime) -> UpstreamLoad:
+    return backend.load

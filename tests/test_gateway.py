@@ -1,0 +1,396 @@
+"""The real gateway over TLS in front of real backend subprocesses (through the bench's delay proxies, which make
+one slow or dead on demand): routing, splits, balancing, health, retries, reloads, limits and TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import io
+import json
+import signal
+import ssl
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+import yaml
+
+from bench.backend_process import REPO, BackendProcess, free_port
+from bench.delay_proxy import DelayProxy
+from gateway.app import Gateway, StartupError
+from gateway.certs import CertPaths, write_dev_certs
+from tests.conftest import write_model_config
+
+MODEL = "half_plus_two"
+V1_ANSWER, V2_ANSWER = [3.0], [4.0]  # predict of [2.0]: v1 is x/2 + 2, v2 x/2 + 3
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    return write_dev_certs(tmp_path_factory.mktemp("certs"), hosts=["localhost", "127.0.0.1"])
+
+
+@pytest.fixture(scope="module")
+def backends(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[BackendProcess]]:
+    """Two real backends serving half_plus_two v1 and v2 (labels stable = 1, canary = 2)."""
+    work = tmp_path_factory.mktemp("backends")
+    config = write_model_config(work / "models.config", [
+        f"name: '{MODEL}' base_path: '{demo_models / MODEL}' model_platform: 'tensorflow' "
+        "model_version_policy { all {} } version_labels { key: 'stable' value: 1 } "
+        "version_labels { key: 'canary' value: 2 }"])
+    started = [BackendProcess([f"--model_config_file={config}"], work / f"backend-{i}.log").start() for i in range(2)]
+    try:
+        yield [backend.wait_ready() for backend in started]
+    finally:
+        for backend in started:
+            backend.stop()
+
+
+@pytest.fixture
+async def proxies(backends: list[BackendProcess]) -> AsyncIterator[list[DelayProxy]]:
+    """One delay proxy per backend: the gateway sees them as its backends."""
+    started = [await DelayProxy("127.0.0.1", backend.rest_port).start() for backend in backends]
+    yield started
+    for proxy in started:
+        await proxy.close()
+
+
+def config_document(certs: CertPaths, proxies: list[DelayProxy], **overrides: Any) -> dict[str, Any]:
+    pool = {"balancer": "round_robin",
+            "health_check": {"interval_s": 0.2, "timeout_s": 0.5, "unhealthy_threshold": 1, "healthy_threshold": 1},
+            "outlier": {"consecutive_failures": 3, "ejection_s": 30, "max_ejected_percent": 50},
+            "retries": {"attempts": 2, "budget_percent": 100},
+            "backends": [{"rest": proxy.address} for proxy in proxies]}
+    pool.update(overrides.pop("pool", {}))
+    document: dict[str, Any] = {
+        "listen": {"https": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+        "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key), "client_ca": str(certs.ca_cert)},
+        "limits": {"max_body_bytes": 1 << 20, "header_timeout_s": 1, "request_timeout_s": 5},
+        "pools": {"cpu": pool},
+        "routes": [{"model": MODEL, "pool": "cpu"}],
+        "expose_upstream_header": True,
+    }
+    document.update(overrides)
+    return document
+
+
+class Running:
+    """A started in-process gateway, a TLS client session, and the config file it reloads from."""
+
+    def __init__(self, gateway: Gateway, session: aiohttp.ClientSession, path: Path) -> None:
+        self.gateway, self.session, self.path = gateway, session, path
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.gateway.https_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.admin_port}"
+
+    async def predict(self, path: str = f"/v1/models/{MODEL}:predict", body: Any = None) -> tuple[int, Any, str]:
+        async with self.session.post(self.url + path, json=body or {"instances": [2.0]}) as response:
+            return response.status, await response.json(content_type=None), response.headers.get(
+                "x-tfgate-upstream", "")
+
+    def write(self, document: dict[str, Any]) -> None:
+        self.path.write_text(yaml.safe_dump(document))
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path, certs: CertPaths) -> AsyncIterator[Any]:
+    running: list[Running] = []
+
+    async def start(document: dict[str, Any], watch_file: bool = False) -> Running:
+        path = tmp_path / f"gateway-{len(running)}.yaml"
+        path.write_text(yaml.safe_dump(document))
+        gateway = Gateway(path, watch_file=watch_file)
+        await gateway.start()
+        client_tls = ssl.create_default_context(cafile=certs.ca_cert)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls, limit=64))
+        running.append(Running(gateway, session, path))
+        return running[-1]
+
+    yield start
+    for each in running:
+        await each.session.close()
+        await each.gateway.stop(1.0)
+
+
+async def test_predict_routes_to_a_backend_and_answers_untouched(start_gateway: Any, certs: CertPaths,
+                                                                   proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies))
+    status, body, upstream = await gw.predict()
+    assert status == 200 and body["predictions"] in (V1_ANSWER, V2_ANSWER)
+    assert upstream in {proxy.address for proxy in proxies}
+    assert (await gw.predict(f"/v1/models/{MODEL}/versions/1:predict"))[:2] == (200, {"predictions": V1_ANSWER})
+    assert (await gw.predict(f"/v1/models/{MODEL}/labels/canary:predict"))[:2] == (200, {"predictions": V2_ANSWER})
+    async with gw.session.get(f"{gw.url}/v1/models/{MODEL}", headers={"x-request-id": "abc-123"}) as response:
+        assert response.status == 200
+        assert response.headers["x-request-id"] == "abc-123"
+        assert [v["version"] for v in (await response.json())["model_version_status"]] == ["2", "1"]
+
+
+async def test_errors_in_tf_serving_shape(start_gateway: Any, certs: CertPaths, proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies))
+    status, body, _ = await gw.predict("/v1/models/nope:predict")
+    assert status == 404 and "nope" in body["error"]
+    async with gw.session.post(gw.url + f"/v1/models/{MODEL}:predict", data=b"{not json") as response:
+        assert response.status == 400  # the backend's own 4xx passes through
+        assert "error" in await response.json(content_type=None)
+    async with gw.session.post(gw.url + f"/v1/models/{MODEL}:predict", data=io.BytesIO(b"[" + b"1," * (1 << 20) + b"1]")) as r:
+        assert r.status == 413
+        assert "error" in await r.json(content_type=None)
+    async with gw.session.get(gw.url + "/nowhere") as response:
+        assert response.status == 404 and "error" in await response.json(content_type=None)
+
+
+async def test_weighted_split_follows_the_weights(start_gateway: Any, certs: CertPaths,
+                                                  proxies: list[DelayProxy]) -> None:
+    document = config_document(certs, proxies, routes=[
+        {"model": MODEL, "pool": "cpu", "split": [{"version": 1, "weight": 80}, {"label": "canary", "weight": 20}]}])
+    gw = await start_gateway(document)
+    answers = await asyncio.gather(*(gw.predict() for _ in range(400)))
+    share = sum(body == {"predictions": V2_ANSWER} for _, body, _ in answers) / len(answers)
+    assert all(status == 200 for status, _, _ in answers)
+    assert 0.13 <= share <= 0.27, share  # 20% ± about 3.5 standard deviations for 400 draws
+
+
+async def test_round_robin_is_even(start_gateway: Any, certs: CertPaths, proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies))
+    counts = collections.Counter([(await gw.predict())[2] for _ in range(40)])
+    assert sorted(counts.values()) == [20, 20], counts
+
+
+async def test_least_latency_avoids_a_slow_backend_and_returns_when_it_heals(
+        start_gateway: Any, certs: CertPaths, proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies, pool={"balancer": "least_latency"}))
+    slow, fast = proxies
+    slow.delay_s = 0.05
+
+    async def shares(seconds: float) -> collections.Counter[str]:
+        counts: collections.Counter[str] = collections.Counter()
+        deadline = time.monotonic() + seconds
+
+        async def client() -> None:
+            while time.monotonic() < deadline:
+                status, _, upstream = await gw.predict()
+                assert status == 200
+                counts[upstream] += 1
+
+        await asyncio.gather(*(client() for _ in range(4)))
+        return counts
+
+    await shares(1.0)  # learn
+    slowed = await shares(2.0)
+    assert slowed[slow.address] / sum(slowed.values()) < 0.2, slowed
+    slow.delay_s = 0.0
+    await asyncio.sleep(1.0)
+    for _ in range(10):  # its latency estimate decays, it is tried again, and its fast answers win it traffic back
+        healed = await shares(1.0)
+        if healed[slow.address] / sum(healed.values()) > 0.3:
+            break
+    else:
+        pytest.fail(f"the healed backend did not get its share back: {healed}")
+
+
+async def test_a_killed_backend_costs_no_client_error(start_gateway: Any, certs: CertPaths,
+                                                      proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies))
+    dead, alive = proxies
+    await dead.kill()
+    answers = [await gw.predict() for _ in range(30)]
+    assert {(status, upstream) for status, _, upstream in answers} == {(200, alive.address)}
+    async with gw.session.get(gw.admin + "/admin/backends") as response:
+        states = {b["rest"]: b["state"] for b in (await response.json())["pools"]["cpu"]}
+    assert states[dead.address] in ("unhealthy", "ejected") and states[alive.address] == "healthy"
+    await dead.revive()
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        async with gw.session.get(gw.admin + "/admin/backends") as response:
+            if {b["state"] for b in (await response.json())["pools"]["cpu"]} == {"healthy"}:
+                break
+    else:
+        pytest.fail("the revived backend never became healthy again")
+
+
+async def test_no_healthy_backend_is_503_and_slow_backend_is_504(start_gateway: Any, certs: CertPaths,
+                                                                  proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies, limits={"request_timeout_s": 0.3}))
+    for proxy in proxies:
+        proxy.delay_s = 1.0
+    status, body, _ = await gw.predict()
+    assert status == 504 and "error" in body
+    for proxy in proxies:
+        proxy.delay_s = 0.0
+        await proxy.kill()
+    await asyncio.sleep(0.6)  # the health checks (every 0.2 s, unhealthy after 1 failure) notice
+    status, body, _ = await gw.predict()
+    assert status == 503 and "No healthy backend" in body["error"]
+
+
+async def test_reload_under_load_loses_no_request(start_gateway: Any, certs: CertPaths,
+                                                  proxies: list[DelayProxy]) -> None:
+    document = config_document(certs, proxies[:1])
+    gw = await start_gateway(document, watch_file=True)
+    statuses: collections.Counter[int] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            statuses[(await gw.predict())[0]] += 1
+
+    clients = [asyncio.create_task(client()) for _ in range(8)]
+    for generation in range(6):  # alternate between one and two backends, by file change and by admin call
+        document = config_document(certs, proxies[: 1 + generation % 2])
+        gw.write(document)
+        if generation % 2:
+            async with gw.session.post(gw.admin + "/admin/reload") as response:
+                assert response.status == 200, await response.text()
+        await asyncio.sleep(0.4)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert set(statuses) == {200} and statuses[200] > 50, statuses
+    assert gw.gateway.snapshot.generation >= 4
+
+
+async def test_a_broken_config_is_rejected_and_serving_goes_on(start_gateway: Any, certs: CertPaths,
+                                                               proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies))
+    good = gw.path.read_text()
+    for broken in ("pools: [", yaml.safe_dump(config_document(certs, proxies, pool={"balancer": "fastest"}))):
+        gw.path.write_text(broken)
+        async with gw.session.post(gw.admin + "/admin/reload") as response:
+            assert response.status == 400
+            message = (await response.json())["error"]
+            assert "still serving generation 1" in message
+        assert (await gw.predict())[0] == 200
+    assert "pools.cpu.balancer" in message
+    gw.path.write_text(good)
+    async with gw.session.get(gw.admin + "/metrics") as response:
+        assert 'tfgate_gateway_config_reloads_total{result="failure"} 2.0' in await response.text()
+    async with gw.session.get(gw.admin + "/admin/config") as response:
+        document = await response.json()
+        assert document["generation"] == 1 and document["config"]["pools"]["cpu"]["balancer"] == "round_robin"
+
+
+async def test_admin_endpoints(start_gateway: Any, certs: CertPaths, proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies))
+    await gw.predict()
+    async with gw.session.get(gw.admin + "/healthz") as response:
+        assert response.status == 200
+    async with gw.session.get(gw.admin + "/readyz") as response:
+        assert response.status == 200
+    async with gw.session.get(gw.admin + "/admin/backends") as response:
+        backends = (await response.json())["pools"]["cpu"]
+    assert {b["rest"] for b in backends} == {p.address for p in proxies}
+    assert set(backends[0]) >= {"rest", "grpc", "state", "ewma_ms", "in_flight", "requests", "failures"}
+    async with gw.session.get(gw.admin + "/metrics") as response:
+        text = await response.text()
+    assert f'tfgate_gateway_requests_total{{code="200",model="{MODEL}"' in text
+    assert "tfgate_gateway_upstream_state" in text
+
+
+async def test_slow_clients_do_not_block_others(start_gateway: Any, certs: CertPaths,
+                                                proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies))
+    context = ssl.create_default_context(cafile=certs.ca_cert)
+    slow = []
+    for _ in range(50):  # slowloris: a request head that never completes
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.https_port, ssl=context,
+                                                       server_hostname="localhost")
+        writer.write(b"POST /v1/models/half_plus_two:predict HTTP/1.1\r\nHost: x\r\n")
+        slow.append((reader, writer))
+    assert (await gw.predict())[0] == 200
+    for reader, writer in slow:  # closed by the header timeout (1 s), not held open
+        assert await asyncio.wait_for(reader.read(), 5) is not None
+        writer.close()
+
+
+async def test_tls_below_1_2_is_refused(start_gateway: Any, certs: CertPaths, proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies))
+    for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(certs.ca_cert)
+        context.set_ciphers("ALL:@SECLEVEL=0")
+        with warnings.catch_warnings():  # offering the old protocols is deprecated: that is the point here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = context.maximum_version = version
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.open_connection("127.0.0.1", gw.gateway.https_port, ssl=context, server_hostname="localhost")
+    context = ssl.create_default_context(cafile=certs.ca_cert)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.https_port, ssl=context,
+                                              server_hostname="localhost")
+    assert writer.get_extra_info("ssl_object").version() == "TLSv1.2"
+    writer.close()
+
+
+async def test_bad_config_or_certificate_stops_the_start(tmp_path: Path, certs: CertPaths,
+                                                          proxies: list[DelayProxy]) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps(config_document(certs, proxies, routes=[{"model": MODEL, "pool": "gpu"}])))
+    with pytest.raises(StartupError, match="gpu"):
+        await Gateway(path, watch_file=False).start()
+    document = config_document(certs, proxies)
+    document["tls"]["cert"] = str(tmp_path / "missing.pem")
+    path.write_text(json.dumps(document))
+    with pytest.raises(StartupError, match="missing.pem"):
+        await Gateway(path, watch_file=False).start()
+
+
+async def test_the_gateway_command_reloads_on_sighup_and_drains_on_sigterm(
+        tmp_path: Path, certs: CertPaths, proxies: list[DelayProxy]) -> None:
+    """`python -m gateway` as users run it: JSON access lines on stdout, SIGHUP reload, SIGTERM drain."""
+    ports = [free_port(), free_port()]
+    document = config_document(certs, proxies, listen={"https": f"127.0.0.1:{ports[0]}",
+                                                       "admin": f"127.0.0.1:{ports[1]}"})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(document))
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "--config", str(path),
+                                                   "--grace-s", "5", stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    client_tls = ssl.create_default_context(cafile=certs.ca_cert)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls)) as session:
+            url = f"https://localhost:{ports[0]}/v1/models/{MODEL}:predict"
+            for _ in range(100):
+                try:
+                    async with session.post(url, json={"instances": [2.0]}) as response:
+                        assert response.status == 200
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            document["pools"]["cpu"]["balancer"] = "least_latency"
+            path.write_text(yaml.safe_dump(document))
+            await wait_for_generation(session, ports[1], 2)  # the file watcher saw the change
+            process.send_signal(signal.SIGHUP)
+            await wait_for_generation(session, ports[1], 3)
+            for proxy in proxies:
+                proxy.delay_s = 1.0
+            in_flight = asyncio.ensure_future(session.post(url, json={"instances": [2.0]}))
+            await asyncio.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            async with await in_flight as response:  # drained: answered, not cut off
+                assert response.status == 200
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = [json.loads(line) for line in (await process.stdout.read()).decode().splitlines()]  # type: ignore[union-attr]
+    assert lines and {"request_id", "model", "upstream", "status", "duration_ms"} <= set(lines[-1])
+    assert lines[-1]["model"] == MODEL and lines[-1]["status"] == 200
+
+
+async def wait_for_generation(session: aiohttp.ClientSession, admin_port: int, generation: int) -> None:
+    for _ in range(50):
+        async with session.get(f"http://127.0.0.1:{admin_port}/admin/config") as response:
+            if (await response.json())["generation"] == generation:
+                return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"the config never reached generation {generation}")

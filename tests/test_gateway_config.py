@@ -1,0 +1,431 @@
+"""gateway.config: tables of config documents and the typed tree or the exact error each one gives."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import (
+    Backend,
+    ConfigError,
+    GatewayConfig,
+    HealthCheck,
+    HostPort,
+    Limits,
+    Listen,
+    Outlier,
+    Pool,
+    Retries,
+    Route,
+    SplitTarget,
+    TlsConfig,
+    load_config,
+    parse_config,
+    redacted,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "gateway.yaml"
+BASE_DIR = Path("/etc/tfgate")
+DELETE = object()
+
+BASE: dict[str, Any] = {
+    "tls": {"cert": "server.pem", "key": "server-key.pem"},
+    "pools": {"cpu": {"backends": [{"rest": "127.0.0.1:8601", "grpc": "127.0.0.1:8600"}, {"rest": "127.0.0.1:8611"}]}},
+    "routes": [
+        {"model": "half_plus_two", "pool": "cpu",
+         "split": [{"version": 1, "weight": 90}, {"label": "canary", "weight": 10}]},
+        {"model": "*", "pool": "cpu"},
+    ],
+}
+
+
+def doc_with(*edits: tuple[tuple[str | int, ...], Any]) -> dict[str, Any]:
+    """BASE with each (key path, value) set, creating mappings on the way; value DELETE removes the key."""
+    doc = copy.deepcopy(BASE)
+    for path, value in edits:
+        node: Any = doc
+        for part in path[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
+        if value is DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    return doc
+
+
+def parse(doc: Any) -> GatewayConfig:
+    return parse_config(yaml.safe_dump(doc, sort_keys=False), base_dir=BASE_DIR)
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=BASE_DIR)
+    return str(info.value)
+
+
+CPU = ("pools", "cpu")
+
+DEFAULTS = GatewayConfig(
+    tls=TlsConfig(cert=BASE_DIR / "server.pem", key=BASE_DIR / "server-key.pem"),
+    pools={"cpu": Pool(name="cpu", backends=(
+        Backend(HostPort("127.0.0.1", 8601), HostPort("127.0.0.1", 8600)), Backend(HostPort("127.0.0.1", 8611))))},
+    routes=(Route("half_plus_two", "cpu", (SplitTarget(90, version=1), SplitTarget(10, label="canary"))),
+            Route("*", "cpu")),
+)
+
+
+def test_defaults() -> None:
+    config = parse(BASE)
+    assert config == DEFAULTS
+    assert config.listen == Listen(HostPort("0.0.0.0", 8443), HostPort("127.0.0.1", 9901))
+    assert config.limits == Limits(max_body_bytes=16 * 1024 * 1024, header_timeout_s=10, request_timeout_s=30,
+                                   idle_timeout_s=75)
+    pool = config.pools["cpu"]
+    assert (pool.balancer, pool.panic_threshold_percent) == ("least_latency", 50)
+    assert pool.health_check == HealthCheck(interval_s=2, timeout_s=1, unhealthy_threshold=2, healthy_threshold=1,
+                                            path="/v2/health/ready", jitter_percent=10)
+    assert pool.outlier == Outlier(consecutive_failures=5, ejection_s=30, max_ejection_s=300, max_ejected_percent=50)
+    assert pool.retries == Retries(attempts=2, budget_percent=20, min_retries_per_s=3)
+    assert (config.tls.client_ca, config.tls.client_cert) == (None, "none")
+    assert config.expose_upstream_header is False
+    assert config.source == "<text>"
+
+
+def test_example_file_parses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # the cert files need not exist, and relative paths follow the working directory
+    config = load_config(EXAMPLE)
+    assert config.source == str(EXAMPLE)
+    assert config.listen == Listen(HostPort("0.0.0.0", 8443), HostPort("127.0.0.1", 9901))
+    assert config.tls == TlsConfig(cert=tmp_path / "certs/server.pem", key=tmp_path / "certs/server-key.pem",
+                                   client_ca=tmp_path / "certs/ca.pem", client_cert="none")
+    assert config.limits == Limits(16777216, 10, 30, 75)
+    assert list(config.pools) == ["cpu"]
+    pool = config.pools["cpu"]
+    assert pool.balancer == "least_latency"
+    assert pool.health_check == HealthCheck(2, 1, 2, 1, "/v2/health/ready", 10)
+    assert pool.outlier == Outlier(5, 30, 300, 50)
+    assert pool.retries == Retries(2, 20, 3)
+    assert [str(b.rest) for b in pool.backends] == ["127.0.0.1:8601", "127.0.0.1:8611"]
+    assert [str(b.grpc) for b in pool.backends] == ["127.0.0.1:8600", "127.0.0.1:8610"]
+    assert config.routes == DEFAULTS.routes
+    assert config.expose_upstream_header is False
+
+
+@pytest.mark.parametrize(("edits", "check"), [
+    pytest.param([(("listen", "https"), "[::]:0"), (("listen", "admin"), "[::1]:9901")],
+                 lambda c: (c.listen.https, str(c.listen.https), str(c.listen.admin))
+                 == (HostPort("::", 0), "[::]:0", "[::1]:9901"), id="ipv6-listen-and-any-port"),
+    pytest.param([(CPU + ("backends",), [{"rest": "[fe80::1%eth0]:8601", "grpc": "[2001:db8::5]:8600"}])],
+                 lambda c: [(str(b.rest), b.rest.host, str(b.grpc)) for b in c.pools["cpu"].backends]
+                 == [("[fe80::1%eth0]:8601", "fe80::1%eth0", "[2001:db8::5]:8600")], id="ipv6-backend"),
+    pytest.param([(CPU + ("backends",), [{"rest": "localhost:8601"}, {"rest": "gpu-0.internal:1"}])],
+                 lambda c: [str(b.rest) for b in c.pools["cpu"].backends] == ["localhost:8601", "gpu-0.internal:1"],
+                 id="host-names"),
+    pytest.param([(CPU + ("backends",), [{"rest": "127.0.0.1:65535"}])],
+                 lambda c: c.pools["cpu"].backends[0].rest.port == 65535, id="highest-port"),
+    pytest.param([(("tls", "client_ca"), "ca.pem"), (("tls", "client_cert"), "required")],
+                 lambda c: (c.tls.client_ca, c.tls.client_cert) == (BASE_DIR / "ca.pem", "required"), id="mtls"),
+    pytest.param([(("tls", "client_ca"), "ca.pem"), (("tls", "client_cert"), "optional")],
+                 lambda c: c.tls.client_cert == "optional", id="mtls-optional"),
+    pytest.param([(("tls", "cert"), "/abs/server.pem")], lambda c: c.tls.cert == Path("/abs/server.pem"),
+                 id="absolute-path-kept"),
+    pytest.param([(CPU + ("outlier", "ejection_s"), 600)],
+                 lambda c: (c.pools["cpu"].outlier.ejection_s, c.pools["cpu"].outlier.max_ejection_s) == (600, 600),
+                 id="max-ejection-default-follows-ejection"),
+    pytest.param([(CPU + ("outlier", "max_ejection_s"), 30)], lambda c: c.pools["cpu"].outlier.max_ejection_s == 30,
+                 id="max-ejection-equal-to-ejection"),
+    pytest.param([(CPU + ("balancer",), "round_robin")], lambda c: c.pools["cpu"].balancer == "round_robin",
+                 id="round-robin"),
+    pytest.param([(("pools", "gpu"), {"backends": [{"rest": "127.0.0.1:8601"}]})],
+                 lambda c: list(c.pools) == ["cpu", "gpu"] and c.pools["gpu"].name == "gpu",
+                 id="same-backend-in-two-pools"),
+    pytest.param([(("routes", 0, "split"), [{"version": 0, "weight": 1}])],
+                 lambda c: c.routes[0].split == (SplitTarget(1, version=0),), id="version-zero"),
+    pytest.param([(("routes", 0, "split"), [])], lambda c: c.routes[0].split == (), id="empty-split"),
+    pytest.param([(CPU + ("retries", "attempts"), 1), (CPU + ("retries", "min_retries_per_s"), 0)],
+                 lambda c: c.pools["cpu"].retries == Retries(1, 20, 0), id="no-retries"),
+    pytest.param([(CPU + ("health_check", "jitter_percent"), 0), (CPU + ("outlier", "max_ejected_percent"), 100),
+                  (CPU + ("panic_threshold_percent",), 0.5)],
+                 lambda c: (c.pools["cpu"].health_check.jitter_percent, c.pools["cpu"].outlier.max_ejected_percent,
+                            c.pools["cpu"].panic_threshold_percent) == (0, 100, 0.5), id="percent-bounds"),
+    pytest.param([(("limits", "request_timeout_s"), 0.25), (("expose_upstream_header",), True)],
+                 lambda c: (c.limits.request_timeout_s, c.expose_upstream_header) == (0.25, True), id="limits"),
+])
+def test_valid(edits: list[tuple[tuple[str | int, ...], Any]], check: Any) -> None:
+    assert check(parse(doc_with(*edits)))
+
+
+POOLS_AND_ROUTES = "pools: {cpu: {backends: [{rest: '127.0.0.1:8601'}]}}\nroutes: [{model: '*', pool: cpu}]\n"
+
+
+@pytest.mark.parametrize(("text", "check"), [
+    pytest.param("tls: {cert: c, key: k, client_cert: none}\n", lambda c: c.tls.client_cert == "none",
+                 id="unquoted-none-is-a-string"),
+    pytest.param("tls: {cert: c, key: k, client_ca: ~, client_cert: null}\n",
+                 lambda c: (c.tls.client_ca, c.tls.client_cert) == (None, "none"), id="null-means-default"),
+    pytest.param("tls: {cert: c, key: k}\nlisten:\nlimits:\n  # all commented out\n",
+                 lambda c: (c.listen, c.limits) == (Listen(), Limits()), id="empty-sections-take-defaults"),
+    pytest.param("tls: {cert: c, key: k}\nexpose_upstream_header: yes\n", lambda c: c.expose_upstream_header is True,
+                 id="yaml-1.1-boolean"),
+    pytest.param("# comments only at the top\n---\ntls: {cert: c, key: k}\n", lambda c: c.tls.key == BASE_DIR / "k",
+                 id="document-marker"),
+])
+def test_yaml_details(text: str, check: Any) -> None:
+    assert check(parse_config(text + POOLS_AND_ROUTES, base_dir=BASE_DIR))
+
+
+def test_yaml_merge_keys_share_settings() -> None:
+    config = parse_config(
+        "tls: {cert: c, key: k}\nroutes: [{model: '*', pool: cpu}]\npools:\n"
+        "  cpu: {health_check: &probe {interval_s: 5, timeout_s: 2}, backends: [{rest: '127.0.0.1:8601'}]}\n"
+        "  gpu: {health_check: {<<: *probe, timeout_s: 3}, backends: [{rest: '127.0.0.1:8611'}]}\n")
+    assert config.pools["cpu"].health_check == HealthCheck(interval_s=5, timeout_s=2)
+    assert config.pools["gpu"].health_check == HealthCheck(interval_s=5, timeout_s=3)
+
+
+R0, SPLIT0 = ("routes", 0), ("routes", 0, "split", 0)
+
+
+@pytest.mark.parametrize(("edits", "message"), [
+    # unknown keys, at every depth, with a hint when one is close
+    ([(("listn",), {})], "listn: unknown key (did you mean 'listen'?)"),
+    ([(("tls", "client_certs"), "required")], "tls.client_certs: unknown key (did you mean 'client_cert'?)"),
+    ([(CPU + ("health_chek",), {"interval_s": 1})],
+     "pools.cpu.health_chek: unknown key (did you mean 'health_check'?)"),
+    ([(CPU + ("outlier", "ejection"), 1)], "pools.cpu.outlier.ejection: unknown key (did you mean 'ejection_s'?)"),
+    ([(CPU + ("backends", 1, "http"), "127.0.0.1:1")],
+     "pools.cpu.backends[1].http: unknown key; known keys: rest, grpc"),
+    ([(SPLIT0 + ("wieght",), 3)], "routes[0].split[0].wieght: unknown key (did you mean 'weight'?)"),
+    ([(R0 + ("timeout",), None)], "routes[0].timeout: unknown key; known keys: model, pool, split"),
+    # missing keys
+    ([(("tls",), DELETE)], "tls: required key is missing"),
+    ([(("tls", "key"), DELETE)], "tls.key: required key is missing"),
+    ([(("tls", "key"), None)], "tls.key: required key is missing"),
+    ([(("routes",), DELETE)], "routes: required key is missing"),
+    ([(CPU + ("backends",), DELETE)], "pools.cpu.backends: required key is missing"),
+    ([(("routes", 1, "pool"), DELETE)], "routes[1].pool: required key is missing"),
+    ([(SPLIT0 + ("weight",), DELETE)], "routes[0].split[0].weight: required key is missing"),
+    # wrong types and choices
+    ([(CPU + ("balancer",), "fastest")],
+     "pools.cpu.balancer: 'fastest' is not one of ['round_robin', 'least_latency']"),
+    ([(("tls", "client_cert"), "maybe")], "tls.client_cert: 'maybe' is not one of ['none', 'optional', 'required']"),
+    ([(("tls", "client_cert"), False)], "tls.client_cert: False is not one of ['none', 'optional', 'required']"),
+    ([(("limits", "max_body_bytes"), "16MiB")], "limits.max_body_bytes: '16MiB' is not of type 'integer'"),
+    ([(CPU + ("retries", "attempts"), 2.0)], "pools.cpu.retries.attempts: 2.0 is not of type 'integer'"),
+    ([(CPU + ("health_check", "interval_s"), True)], "pools.cpu.health_check.interval_s: True is not of type 'number'"),
+    ([(CPU + ("health_check", "timeout_s"), "1s")], "pools.cpu.health_check.timeout_s: '1s' is not of type 'number'"),
+    ([(("expose_upstream_header",), "true")], "expose_upstream_header: 'true' is not of type 'boolean'"),
+    ([(("listen", "https"), 8443)], "listen.https: 8443 is not of type 'string'"),
+    ([(("pools",), [{"backends": []}])], "pools: [{'backends': []}] is not of type 'object'"),
+    ([(("routes",), {"model": "*", "pool": "cpu"})], "routes: {'model': '*', 'pool': 'cpu'} is not of type 'array'"),
+    ([(("tls",), "server.pem")], "tls: 'server.pem' is not of type 'object'"),
+    ([(CPU, None)], "pools.cpu: None is not of type 'object'"),
+    ([(SPLIT0 + ("label",), 2), (SPLIT0 + ("version",), DELETE)],
+     "routes[0].split[0].label: 2 is not of type 'string'"),
+    ([(CPU + ("health_check", "path"), "health")], "pools.cpu.health_check.path: 'health' does not match '^/'"),
+    ([(("tls", "cert"), "")], "tls.cert: '' should be non-empty"),
+    ([(("pools", ""), {"backends": [{"rest": "127.0.0.1:1"}]})], "pools: names here are non-empty strings, not ''"),
+    # empty collections
+    ([(("pools",), {})], "pools: {} should be non-empty"),
+    ([(("routes",), [])], "routes: [] should be non-empty"),
+    ([(CPU + ("backends",), [])], "pools.cpu.backends: [] should be non-empty"),
+    # ranges: durations > 0, thresholds >= 1, percents in [0, 100], attempts >= 1, weights > 0, versions >= 0
+    ([(("limits", "header_timeout_s"), 0)], "limits.header_timeout_s: 0 is less than or equal to the minimum of 0"),
+    ([(("limits", "request_timeout_s"), -1)], "limits.request_timeout_s: -1 is less than or equal to the minimum of 0"),
+    ([(("limits", "idle_timeout_s"), 0)], "limits.idle_timeout_s: 0 is less than or equal to the minimum of 0"),
+    ([(("limits", "max_body_bytes"), 0)], "limits.max_body_bytes: 0 is less than the minimum of 1"),
+    ([(CPU + ("health_check", "interval_s"), 0)],
+     "pools.cpu.health_check.interval_s: 0 is less than or equal to the minimum of 0"),
+    ([(CPU + ("health_check", "timeout_s"), 0.0)],
+     "pools.cpu.health_check.timeout_s: 0.0 is less than or equal to the minimum of 0"),
+    ([(CPU + ("outlier", "ejection_s"), 0)],
+     "pools.cpu.outlier.ejection_s: 0 is less than or equal to the minimum of 0"),
+    ([(CPU + ("outlier", "max_ejection_s"), 0)],
+     "pools.cpu.outlier.max_ejection_s: 0 is less than or equal to the minimum of 0"),
+    ([(CPU + ("health_check", "unhealthy_threshold"), 0)],
+     "pools.cpu.health_check.unhealthy_threshold: 0 is less than the minimum of 1"),
+    ([(CPU + ("health_check", "healthy_threshold"), 0)],
+     "pools.cpu.health_check.healthy_threshold: 0 is less than the minimum of 1"),
+    ([(CPU + ("outlier", "consecutive_failures"), 0)],
+     "pools.cpu.outlier.consecutive_failures: 0 is less than the minimum of 1"),
+    ([(CPU + ("outlier", "max_ejected_percent"), 101)],
+     "pools.cpu.outlier.max_ejected_percent: 101 is greater than the maximum of 100"),
+    ([(CPU + ("health_check", "jitter_percent"), -5)],
+     "pools.cpu.health_check.jitter_percent: -5 is less than the minimum of 0"),
+    ([(CPU + ("retries", "budget_percent"), 100.5)],
+     "pools.cpu.retries.budget_percent: 100.5 is greater than the maximum of 100"),
+    ([(CPU + ("panic_threshold_percent",), -1)], "pools.cpu.panic_threshold_percent: -1 is less than the minimum of 0"),
+    ([(CPU + ("retries", "attempts"), 0)], "pools.cpu.retries.attempts: 0 is less than the minimum of 1"),
+    ([(CPU + ("retries", "min_retries_per_s"), -1)],
+     "pools.cpu.retries.min_retries_per_s: -1 is less than the minimum of 0"),
+    ([(SPLIT0 + ("weight",), 0)], "routes[0].split[0].weight: 0 is less than the minimum of 1"),
+    ([(("routes", 0, "split", 1, "weight"), -10)], "routes[0].split[1].weight: -10 is less than the minimum of 1"),
+    ([(SPLIT0 + ("version",), -1)], "routes[0].split[0].version: -1 is less than the minimum of 0"),
+    ([(("routes", 0, "split", 1, "label"), "")], "routes[0].split[1].label: '' should be non-empty"),
+    ([(CPU + ("health_check", "interval_s"), float("nan"))],
+     "pools.cpu.health_check.interval_s: must be a finite number"),
+    ([(("limits", "request_timeout_s"), float("inf"))], "limits.request_timeout_s: must be a finite number"),
+    # semantic rules
+    ([(CPU + ("outlier", "max_ejection_s"), 10)], "pools.cpu.outlier.max_ejection_s: must be at least ejection_s (30)"),
+    ([(("tls", "client_cert"), "required")],
+     "tls.client_cert: client_cert 'required' needs tls.client_ca to verify clients with"),
+    ([(("tls", "client_cert"), "optional")],
+     "tls.client_cert: client_cert 'optional' needs tls.client_ca to verify clients with"),
+    ([(("routes", 1, "pool"), "gpu")], "routes[1].pool: no pool named 'gpu' (pools: cpu)"),
+    ([(("routes", 1, "model"), "half_plus_two")],
+     "routes[1].model: model 'half_plus_two' already has a route, routes[0]"),
+    ([(("routes",), [*BASE["routes"], {"model": "*", "pool": "gpu"}])],
+     "routes[2].model: model '*' already has a route, routes[1]"),
+    ([(SPLIT0 + ("label",), "stable")], "routes[0].split[0]: needs exactly one of version, label"),
+    ([(SPLIT0 + ("version",), DELETE)], "routes[0].split[0]: needs exactly one of version, label"),
+    ([(("routes", 0, "split", 1), {"version": 1, "weight": 10})], "routes[0].split[1]: version 1 is listed twice"),
+    ([(("routes", 0, "split", 0), {"label": "canary", "weight": 10})],
+     "routes[0].split[1]: label 'canary' is listed twice"),
+    ([(CPU + ("backends", 1, "rest"), "127.0.0.1:8601")],
+     "pools.cpu.backends[1].rest: 127.0.0.1:8601 is already pools.cpu.backends[0]"),
+    ([(("listen", "admin"), "0.0.0.0:8443")], "listen.admin: 0.0.0.0:8443 is also listen.https"),
+])
+def test_invalid(edits: list[tuple[tuple[str | int, ...], Any]], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(doc_with(*edits))
+    assert str(info.value) == message
+    assert message.startswith(info.value.key + ": ")
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("127.0.0.1", "expected host:port (e.g. 127.0.0.1:8501 or [::1]:8501), got '127.0.0.1'"),
+    (":8601", "expected host:port (e.g. 127.0.0.1:8501 or [::1]:8501), got ':8601'"),
+    ("localhost:", "expected host:port (e.g. 127.0.0.1:8501 or [::1]:8501), got 'localhost:'"),
+    ("localhost:http", "expected host:port (e.g. 127.0.0.1:8501 or [::1]:8501), got 'localhost:http'"),
+    ("127.0.0.1:08601", "expected host:port (e.g. 127.0.0.1:8501 or [::1]:8501), got '127.0.0.1:08601'"),
+    ("127.0.0.1:-1", "expected host:port (e.g. 127.0.0.1:8501 or [::1]:8501), got '127.0.0.1:-1'"),
+    ("::1:8601", "an IPv6 address needs brackets: [::1]:8601"),
+    ("[backend]:8601", "'backend' in brackets is not an IPv6 address"),
+    ("[::1:8601", "an IPv6 address needs brackets: [[::1]:8601"),
+    ("999.0.0.1:8601", "'999.0.0.1' is not an IPv4 address"),
+    ("back end:8601", "'back end' is not a host name or IP address"),
+    ("http://backend:8601", "expected host:port, without a scheme or path, got 'http://backend:8601'"),
+    ("backend:8601/v1", "expected host:port, without a scheme or path, got 'backend:8601/v1'"),
+    ("127.0.0.1:0", "port 0 is out of range 1..65535"),
+    ("127.0.0.1:65536", "port 65536 is out of range 1..65535"),
+])
+@pytest.mark.parametrize("where", ["rest", "grpc"])
+def test_bad_backend_address(address: str, message: str, where: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(doc_with((CPU + ("backends", 1, where), address)))
+    assert str(info.value) == f"pools.cpu.backends[1].{where}: {message}"
+
+
+def test_listen_ports_may_be_zero_but_not_too_large() -> None:
+    assert parse(doc_with((("listen", "https"), "127.0.0.1:0"), (("listen", "admin"), "127.0.0.1:0"))).listen == \
+        Listen(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", 0))
+    with pytest.raises(ConfigError, match=r"^listen\.https: port 70000 is out of range 0\.\.65535$"):
+        parse(doc_with((("listen", "https"), "0.0.0.0:70000")))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "the config is empty; it needs at least tls, pools and routes"),
+    ("# nothing but a comment\n", "the config is empty; it needs at least tls, pools and routes"),
+    ("- tls\n- pools\n", "the config must be a mapping of keys, not a list"),
+    ("gateway\n", "the config must be a mapping of keys, not a str"),
+    ("tls: {cert: c, key: k}\npools:\n  cpu:\n    balancer: [round_robin\n",
+     "invalid YAML at line 5, column 1: expected ',' or ']', but got '<stream end>'"),
+    ("tls: {cert: c, key: k}\nlisten:\n  https: 0.0.0.0:8443\n   admin: 127.0.0.1:9901\n",
+     "invalid YAML at line 4, column 9: mapping values are not allowed here"),
+    ("tls: {cert: c, key: k}\npools:\n  cpu: {backends: [{rest: '127.0.0.1:1'}]}\n  cpu: {backends: []}\n",
+     "invalid YAML at line 4, column 3: duplicate key 'cpu'"),
+    ("tls: {cert: c, key: k}\nroutes: [{model: '*', pool: cpu}]\npools: {8601: {backends: [{rest: 'h:1'}]}}\n",
+     "pools: names here are non-empty strings, not 8601"),
+    ("tls: {cert: c, key: k}\n1: one\n" + POOLS_AND_ROUTES,
+     "1: unknown key; known keys: listen, tls, limits, pools, routes, expose_upstream_header"),
+    ("tls: {cert: c, key: k, cert: d}\n", "invalid YAML at line 1, column 24: duplicate key 'cert'"),
+    ("tls: {cert: c}\n\x00\n", "invalid YAML at line 2, column 1: special characters are not allowed ('\\x00')"),
+    ("tls: \t{cert: c}\x00\n", "invalid YAML at line 1, column 16: special characters are not allowed ('\\x00')"),
+])
+def test_bad_documents(text: str, message: str) -> None:
+    assert error_of(text) == message
+
+
+def test_relative_paths_follow_the_working_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = parse_config(yaml.safe_dump(doc_with((("tls", "client_ca"), "../ca.pem"))))
+    assert config.tls == TlsConfig(cert=tmp_path / "server.pem", key=tmp_path / "server-key.pem",
+                                   client_ca=tmp_path / "../ca.pem")
+    assert config.tls.cert.is_absolute() and config.tls.key.is_absolute()
+
+
+def test_load_config_reads_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    config = load_config(path)
+    assert config.source == str(path)
+    assert config.routes == DEFAULTS.routes
+
+
+def test_load_config_missing_file_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing)
+    assert str(info.value) == f"cannot read config file {missing}: No such file or directory"
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_load_config_directory_and_bad_encoding(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"^cannot read config file {tmp_path}: Is a directory$"):
+        load_config(tmp_path)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"tls: {cert: caf\xe9}\n")
+    with pytest.raises(ConfigError, match=r"^cannot read config file .*latin1\.yaml: 'utf-8' codec can't decode"):
+        load_config(latin1)
+
+
+def test_config_is_immutable() -> None:
+    config = parse(BASE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.expose_upstream_header = True  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.pools["cpu"].retries.attempts = 5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.listen.https.port = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.pools["gpu"] = config.pools["cpu"]  # type: ignore[index]
+    assert isinstance(config.routes, tuple) and isinstance(config.pools["cpu"].backends, tuple)
+    assert isinstance(config.routes[0].split, tuple)
+
+
+def test_built_in_code_the_pools_are_read_only_too() -> None:
+    pools = {"cpu": DEFAULTS.pools["cpu"]}
+    config = GatewayConfig(tls=DEFAULTS.tls, pools=pools, routes=list(DEFAULTS.routes))  # type: ignore[arg-type]
+    pools.clear()
+    assert list(config.pools) == ["cpu"] and config.routes == DEFAULTS.routes
+    with pytest.raises(TypeError):
+        config.pools["cpu"] = DEFAULTS.pools["cpu"]  # type: ignore[index]
+
+
+def test_redacted_is_json_in_the_file_shape_and_parses_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(EXAMPLE)
+    data = json.loads(json.dumps(redacted(config)))
+    assert data["listen"] == {"https": "0.0.0.0:8443", "admin": "127.0.0.1:9901"}
+    assert data["tls"]["key"] == str(tmp_path / "certs/server-key.pem")
+    assert data["pools"]["cpu"]["backends"][0] == {"rest": "127.0.0.1:8601", "grpc": "127.0.0.1:8600"}
+    assert data["routes"][0]["split"][1] == {"weight": 10, "version": None, "label": "canary"}
+    assert data["source"] == str(EXAMPLE)
+    del data["source"]
+    assert parse_config(yaml.safe_dump(data), source=str(EXAMPLE)) == config
+
+
+def test_redacted_ipv6_and_defaults() -> None:
+    config = parse(doc_with((("listen", "https"), "[::]:8443"), (CPU + ("backends",), [{"rest": "[::1]:8601"}])))
+    data = redacted(config)
+    assert data["listen"]["https"] == "[::]:8443"
+    assert data["pools"]["cpu"]["backends"] == [{"rest": "[::1]:8601", "grpc": None}]
+    assert data["tls"]["client_ca"] is None
+    del data["source"]
+    assert parse(data) == config
