@@ -7,7 +7,9 @@ import asyncio
 import collections
 import io
 import json
+import shutil
 import signal
+import subprocess
 import ssl
 import sys
 import time
@@ -256,6 +258,9 @@ async def test_reload_under_load_loses_no_request(start_gateway: Any, certs: Cer
     await asyncio.gather(*clients)
     assert set(statuses) == {200} and statuses[200] > 50, statuses
     assert gw.gateway.snapshot.generation >= 4
+    async with gw.session.get(gw.admin + "/admin/backends") as response:
+        kept = next(b for b in (await response.json())["pools"]["cpu"] if b["rest"] == proxies[0].address)
+    assert kept["requests"] >= statuses[200] / 2  # in every generation, and its counters never started over
 
 
 async def test_a_broken_config_is_rejected_and_serving_goes_on(start_gateway: Any, certs: CertPaths,
@@ -293,6 +298,11 @@ async def test_admin_endpoints(start_gateway: Any, certs: CertPaths, proxies: li
         text = await response.text()
     assert f'tfgate_gateway_requests_total{{code="200",model="{MODEL}"' in text
     assert "tfgate_gateway_upstream_state" in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (.ci/run installs it)")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def test_slow_clients_do_not_block_others(start_gateway: Any, certs: CertPaths,
