@@ -9,7 +9,7 @@ import sys
 from types import FrameType
 
 import bench
-from bench import backend_efficiency, grpc_vs_rest, load_command, rest_latency
+from bench import backend_efficiency, degraded_backend, gateway_overhead, grpc_vs_rest, load_command, rest_latency
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     grpc_vs_rest.add_command(commands)
     load_command.add_command(commands)
     backend_efficiency.add_command(commands)
+    gateway_overhead.add_command(commands)
+    degraded_backend.add_command(commands)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import, as the backend does
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -121,3 +121,43 @@ class _Pipe(asyncio.Protocol):
             self._client.abort()
         if self._upstream is not None:
             self._upstream.abort()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.delay_proxy --upstream HOST:PORT --port N --delay-ms D`: one DelayProxy in a process of its
+    own (so its event loop does not share a core's time slices with the load generator), silent, until SIGTERM or
+    Ctrl-C. The listening port is open once the process accepts connections."""
+    import argparse
+    import signal
+
+    import uvloop
+
+    parser = argparse.ArgumentParser(prog="python -m bench.delay_proxy", description=main.__doc__)
+    parser.add_argument("--upstream", required=True, help="HOST:PORT to forward to")
+    parser.add_argument("--port", type=int, required=True, help="port to listen on, on --host")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="delay of every response chunk")
+    args = parser.parse_args(argv)
+    host, _, port = args.upstream.rpartition(":")
+    if not host or not port.isdigit():
+        parser.error(f"--upstream: expected HOST:PORT, got {args.upstream!r}")
+
+    async def serve() -> None:
+        proxy = await DelayProxy(host, int(port), args.delay_ms / 1e3).start(args.host, args.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await proxy.close()
+
+    uvloop.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -169,3 +169,61 @@ def test_backend_efficiency_quick_measures_every_part_or_says_why_not(demo_model
     assert set(report["ratios"]["c_over_d_requests_per_s"]) == {"rest_1x64"}
     assert out.with_suffix(".png").stat().st_size > 0
     assert "vs (a)" in printed and "(c)/(d) requests/s" in printed
+
+
+@pytest.mark.parametrize("nginx", ["found", "missing"])
+def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo_models: Path, tmp_path: Path,
+                                                                           nginx: str) -> None:
+    out = tmp_path / "gateway-overhead.json"
+    # "missing" names an nginx that is not there, so the skip is tested also where nginx is installed.
+    extra = ("--nginx", str(tmp_path / "no-nginx")) if nginx == "missing" else ()
+    printed, report = run_bench("gateway-overhead", out, "0.5", *extra)
+    contenders = {result["contender"] for result in report["results"]}
+    if "nginx" in report["skipped"]:  # nginx not installed here, or "missing"
+        assert contenders == {"direct", "gateway"} and report["targets"]["throughput"]["met"] is None
+        assert "(c) nginx, https: skipped: " in printed
+    else:
+        assert nginx == "found" and contenders == {"direct", "gateway", "nginx"}
+        assert report["nginx"]["version"] and report["targets"]["throughput"]["met"] in (True, False)
+    assert {result["key"] for result in report["results"]} == {f"{name}_{n}" for name in contenders for n in (1, 32)}
+    for result in report["results"]:
+        assert result["count"] > 0 and result["errors"] == 0, (result["label"], result["first_error"])
+        assert set(result["latency_us"]) == PERCENTILE_KEYS
+        assert result["connections"] == result["concurrency"]  # keep-alive held, through the proxies too
+    assert report["results"][0]["url"].startswith("http://") and report["results"][-1]["url"].startswith("https://")
+    assert report["gateway_access_log_lines"] > 0  # the gateway really served, and logged
+    assert {"ratio", "target", "met"} <= set(report["targets"]["throughput"])
+    assert {"gateway_added_ms", "nginx_added_ms", "target_ms", "met"} <= set(report["targets"]["added_p50"])
+    assert report["targets"]["added_p50"]["met"] in (True, False)
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "gateway throughput / nginx throughput at 32 = " in printed
+    assert "gateway added p50 at 1 connection = gateway p50 - direct p50 = " in printed
+
+
+def test_degraded_backend_runs_capacity_then_each_balancer_and_nginx_or_says_why_not(demo_models: Path,
+                                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "degraded-backend.json"
+    printed, report = run_bench("degraded-backend", out, "0.5")
+    contenders = [result["contender"] for result in report["results"]]
+    if "nginx" in report["skipped"]:
+        assert contenders == ["capacity", "least_latency", "round_robin"] and report["target"]["met"] is None
+        assert "nginx not installed" in report["skipped"]["nginx"]
+    else:
+        assert contenders == ["capacity", "least_latency", "round_robin", "nginx"]
+        assert report["target"]["met"] in (True, False)
+    capacity, *open_loops = report["results"]
+    assert (capacity["mode"], capacity["concurrency"]) == ("closed", 32)
+    assert report["rate"] == max(1, round(0.4 * capacity["requests_per_s"]))
+    for result in open_loops:
+        assert (result["mode"], result["rate"], result["concurrency"]) == ("open", report["rate"], 64)
+    for result in report["results"]:
+        assert result["count"] > 0 and result["errors"] == 0, (result["label"], result["first_error"])
+        assert set(result["latency_us"]) == PERCENTILE_KEYS
+    assert report["delays_ms"] == [20, 0] and report["slow_backend"] == report["backends"][0]
+    for result in report["results"][:3]:  # through the gateway: what its admin API said
+        assert result["balancer"] == ("round_robin" if result["contender"] == "capacity" else result["contender"])
+        assert set(result["upstream_requests"]) == set(report["backends"]) == set(result["upstream_ewma_ms"])
+        assert sum(result["upstream_requests"].values()) >= result["count"] and 0 <= result["slow_share"] <= 1
+    assert {"ratio", "bound", "met", "least_latency_p99_us", "nginx_p99_us"} <= set(report["target"])
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "least_latency p99 / nginx p99 = " in printed

@@ -1,0 +1,195 @@
+"""`gateway-overhead`: what tfgate's gateway costs in front of one backend, against nginx doing the same job, all
+measured one after another in one run, on the same backend.
+
+One backend subprocess on loopback serves the demo models; every request is the REST predict of half_plus_two v1
+with {"instances": [1.0, 2.0, 5.0]}. Three ways to reach it:
+  (a) direct   plain HTTP to the backend, the baseline
+  (b) gateway  HTTPS to `python -m gateway` (its own process): one pool of the one backend, round_robin, no
+               upstream header, its JSON access lines written to a file
+  (c) nginx    HTTPS to nginx with the same certificates, TLS 1.2+, one worker process (the gateway is one),
+               `keepalive 64` to the backend over HTTP/1.1, no access log; skipped, with the reason, if nginx is
+               not installed
+each driven by two closed loops from bench.load, one keep-alive connection per request in flight, each --seconds
+after --warmup: 1 in flight (latency) and 32 in flight (throughput). Printed with the issue's two targets, from
+this run only: gateway requests/s at 32 over nginx's (>= 0.9), and the p50 the gateway adds at 1 in flight over
+direct (<= 0.3 ms); nginx's added p50 is printed beside it for comparison. Reported as met or not, never asserted.
+"gen CPU" is the load generator's own share of one core, "backend CPU" and "proxy CPU" the backend's and the
+gateway's or nginx's (with its worker), averaged over the loop and its warm-up: all share the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backend.demo_models import ensure_demo_models
+from bench.backend_process import ServerProcess, demo_backend, free_port
+from bench.load import Load, run_load
+from bench.options import add_loop_options
+from bench.plot import plot_latency
+from bench.proxies import (
+    NGINX_MISSING,
+    CpuMeter,
+    GatewayProcess,
+    NginxProcess,
+    find_nginx,
+    gateway_config,
+    nginx_version,
+)
+from bench.report import Column, environment, format_table, latency_column, number, print_errors, ratio, write_json
+from bench.targets import rest_predict
+from gateway.certs import CertPaths, write_dev_certs
+
+MODEL, VERSION, INSTANCES = "half_plus_two", 1, [1.0, 2.0, 5.0]
+CONCURRENCIES = (1, 32)
+LATENCY_CONCURRENCY, THROUGHPUT_CONCURRENCY = CONCURRENCIES
+THROUGHPUT_TARGET, ADDED_P50_TARGET_MS = 0.9, 0.3
+CONTENDERS = {"direct": "(a) direct, http", "gateway": "(b) tfgate gateway, https", "nginx": "(c) nginx, https"}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gateway-overhead.json"
+
+
+def _share(title: str, key: str) -> Column:
+    return Column(title, 13, lambda result: "-" if result.get(key) is None else f"{result[key]:.0%}")
+
+
+COLUMNS = (
+    Column("requests/s", 12, lambda result: number(result["requests_per_s"])),
+    *(latency_column(key, "ms") for key in ("p50", "p90", "p99")),
+    _share("gen CPU", "generator_cpu"),
+    _share("backend CPU", "backend_cpu"),
+    _share("proxy CPU", "proxy_cpu"),
+    Column("errors", 8, lambda result: str(result["errors"])),
+)
+
+
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("gateway-overhead", help="one backend: direct vs tfgate's gateway vs nginx",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_loop_options(parser, DEFAULT_OUT)
+    parser.add_argument("--nginx", help="the nginx binary (default: nginx on PATH or in /usr/sbin)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table and the targets, write the JSON and PNG; exit status 1 if any request failed."""
+    models_dir = ensure_demo_models()
+    nginx = find_nginx(args.nginx)
+    results: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    document: dict[str, Any] = {"nginx": None if nginx is None else {"path": nginx, "version": nginx_version(nginx)}}
+    with tempfile.TemporaryDirectory(prefix="tfgate-bench-") as workdir, demo_backend(models_dir) as backend:
+        work = Path(workdir)
+        certs = write_dev_certs(work / "certs", hosts=["localhost", "127.0.0.1"])
+        backend.wait_ready()
+        backend_address = f"127.0.0.1:{backend.rest_port}"
+        results += _measure("direct", backend, None, backend, args)
+        config = gateway_config(certs, [backend_address], "round_robin", free_port(), free_port())
+        access_log = work / "access.log"
+        with GatewayProcess(config, work, access_log) as gateway:
+            results += _measure("gateway", gateway.wait_ready(), certs, backend, args)
+        document["gateway_access_log_lines"] = sum(1 for _ in access_log.open("rb"))
+        if nginx is None:
+            skipped["nginx"] = NGINX_MISSING if args.nginx is None else f"{args.nginx} is not an executable"
+        else:
+            with NginxProcess(nginx, certs, [backend_address]) as proxy:
+                results += _measure("nginx", proxy.wait_ready(), certs, backend, args)
+    targets = _targets(results)
+    write_json(args.out, {
+        "benchmark": "gateway-overhead", "model": MODEL, "version": VERSION, "body": {"instances": INSTANCES},
+        "seconds": args.seconds, "warmup_s": args.warmup, "concurrencies": list(CONCURRENCIES),
+        "environment": environment(), **document, "results": results, "skipped": skipped, "targets": targets})
+    _plot(args.out.with_suffix(".png"), results)
+    _print_report(args, results, skipped, targets)
+    return 1 if any(result["errors"] for result in results) else 0
+
+
+def _measure(contender: str, server: ServerProcess, certs: CertPaths | None, backend: ServerProcess,
+             args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Both loops against `server`; `certs` for https. The proxy's CPU is the server's, unless that is the backend."""
+    target = rest_predict(server.url, MODEL, VERSION, np.array(INSTANCES, np.float32),
+                          cacert=None if certs is None else certs.ca_cert)
+    watched = {"backend_cpu": backend} if server is backend else {"backend_cpu": backend, "proxy_cpu": server}
+    results = []
+    for concurrency in CONCURRENCIES:
+        label = f"{CONTENDERS[contender]}, {concurrency} in flight"
+        with CpuMeter(watched) as cpu:
+            summary = run_load(target, Load(concurrency, None, args.seconds, args.warmup), label)
+        results.append({"contender": contender, "key": f"{contender}_{concurrency}", "label": label,
+                        "url": server.url, **summary, **cpu.shares})
+    return results
+
+
+def _find(results: list[dict[str, Any]], contender: str, concurrency: int) -> dict[str, Any] | None:
+    return next((result for result in results if result["key"] == f"{contender}_{concurrency}"), None)
+
+
+def _targets(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's two targets and nginx's added p50; a figure that could not be measured is None, and so is `met`."""
+    def requests_per_s(contender: str) -> float | None:
+        result = _find(results, contender, THROUGHPUT_CONCURRENCY)
+        return None if result is None else result["requests_per_s"]
+
+    def p50_ms(contender: str) -> float | None:
+        result = _find(results, contender, LATENCY_CONCURRENCY)
+        p50_us = None if result is None else result["latency_us"]["p50"]
+        return None if p50_us is None else p50_us / 1e3
+
+    def added(contender: str) -> float | None:
+        proxied, direct = p50_ms(contender), p50_ms("direct")
+        return None if proxied is None or direct is None else proxied - direct
+
+    throughput = ratio(requests_per_s("gateway"), requests_per_s("nginx"))
+    throughput_met = None if throughput is None else throughput >= THROUGHPUT_TARGET
+    gateway_added = added("gateway")
+    return {
+        "throughput": {"concurrency": THROUGHPUT_CONCURRENCY, "gateway_requests_per_s": requests_per_s("gateway"),
+                       "nginx_requests_per_s": requests_per_s("nginx"), "ratio": throughput,
+                       "target": THROUGHPUT_TARGET, "met": throughput_met},
+        "added_p50": {"concurrency": LATENCY_CONCURRENCY, "direct_p50_ms": p50_ms("direct"),
+                      "gateway_p50_ms": p50_ms("gateway"), "gateway_added_ms": gateway_added,
+                      "target_ms": ADDED_P50_TARGET_MS,
+                      "met": None if gateway_added is None else gateway_added <= ADDED_P50_TARGET_MS,
+                      "nginx_p50_ms": p50_ms("nginx"), "nginx_added_ms": added("nginx")},
+    }
+
+
+def _plot(path: Path, results: list[dict[str, Any]]) -> None:
+    series: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        series.setdefault(CONTENDERS[result["contender"]], []).append(result)
+    plot_latency(path, f"gateway-overhead: {MODEL} predict, latency vs requests/s at 1 and 32 in flight", series,
+                 "requests_per_s", "requests/s", lambda result: f"x {result['concurrency']}")
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "unknown"}[met]
+
+
+def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipped: dict[str, str],
+                  targets: dict[str, Any]) -> None:
+    print(f"\ngateway-overhead: {MODEL} v{VERSION} predict {{\"instances\": {INSTANCES}}}, {args.seconds:g} s per "
+          f"row after {args.warmup:g} s warm-up; closed loops, one keep-alive connection per request in flight; "
+          f"latency in ms; CPU in shares of one core")
+    print(format_table([((result["label"],), result) for result in results], headers=("contender",),
+                       columns=COLUMNS))
+    for contender, reason in skipped.items():
+        print(f"{CONTENDERS[contender]}: skipped: {reason}")
+    throughput, added = targets["throughput"], targets["added_p50"]
+    print(f"gateway throughput / nginx throughput at {throughput['concurrency']} = {number(throughput['ratio'], 3)} "
+          f"(target >= {throughput['target']:g}): {_verdict(throughput['met'])}")
+    print(f"gateway added p50 at {added['concurrency']} connection = gateway p50 - direct p50 = "
+          f"{number(added['gateway_p50_ms'], 3)} - {number(added['direct_p50_ms'], 3)} = "
+          f"{number(added['gateway_added_ms'], 3)} ms (target <= {added['target_ms']:g} ms): {_verdict(added['met'])}")
+    if added["nginx_added_ms"] is None:
+        print(f"nginx added p50 at {added['concurrency']} connection: - (not measured)")
+    else:
+        print(f"nginx added p50 at {added['concurrency']} connection = nginx p50 - direct p50 = "
+              f"{number(added['nginx_p50_ms'], 3)} - {number(added['direct_p50_ms'], 3)} = "
+              f"{number(added['nginx_added_ms'], 3)} ms (for comparison)")
+    print_errors((result["label"], result) for result in results)
+    print(f"results: {args.out}", file=sys.stderr)
