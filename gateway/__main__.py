@@ -39,18 +39,9 @@ async def serve(config: Path, grace_s: float) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The server's own log lines go to stderr; stdout carries only the JSON access lines (gateway/accesslog.py).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _access_log_plain()
     return uvloop.run(serve(args.config, args.grace_s))
-
-
-def _access_log_plain() -> None:
-    """Access lines are JSON already: write them bare to stdout, one per line, without the log prefix."""
-    access = logging.getLogger("tfgate.access")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

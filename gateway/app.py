@@ -26,6 +26,7 @@ from typing import Callable
 import watchfiles
 
 from backend.http_server import HttpServer, json_error_body
+from gateway.accesslog import AccessLog
 from gateway.admin import Admin
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.http_edge import Edge
@@ -45,8 +46,9 @@ class StartupError(Exception):
 class Gateway:
     def __init__(self, config_path: Path, *, metrics: GatewayMetrics | None = None,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
-                 watch_file: bool = True) -> None:
+                 watch_file: bool = True, access_log: AccessLog | None = None) -> None:
         self.config_path = config_path
+        self.access_log = access_log or AccessLog.to_stdout()
         self.metrics = metrics or GatewayMetrics()
         self._rng = rng or random.Random()
         self._clock = clock
@@ -85,7 +87,7 @@ class Gateway:
             raise StartupError(str(error)) from None
         self._install(config, context, generation=1)
         limits = config.limits
-        edge = Edge(self, self.upstreams, self.metrics, self._rng, self._clock)
+        edge = Edge(self, self.upstreams, self.metrics, self.access_log, self._rng, self._clock)
         admin = Admin(self, self.upstreams, self.metrics, self._clock)
         self._admin_server = HttpServer(admin.handle, max_body_bytes=64 * 1024,
                                         header_timeout_s=limits.header_timeout_s, error_body=json_error_body)
@@ -167,6 +169,7 @@ class Gateway:
         if self._admin_server is not None:
             await self._admin_server.shutdown(0)
         await self.upstreams.close()
+        self.access_log.flush()
 
 
 def _read(path: Path) -> tuple[GatewayConfig, ssl.SSLContext]:

@@ -114,6 +114,10 @@ class Pool:
     outlier: Outlier = Outlier()
     retries: Retries = Retries()
     panic_threshold_percent: float = 50
+    # least_latency: how fast a latency peak is forgotten (the EWMA's time constant). Short enough that one spike on
+    # a busy machine does not make a healthy backend look slow for long; long enough that a slow one is re-probed
+    # rarely (about every 1.5 x this).
+    latency_decay_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +260,7 @@ _SCHEMA = _object({
                 "min_retries_per_s": {"type": "number", "minimum": 0},
             }),
             "panic_threshold_percent": _PERCENT,
+            "latency_decay_s": _DURATION,
             "backends": {
                 "type": "array", "minItems": 1,
                 "items": _object({"rest": {"type": "string"}, "grpc": {"type": "string"}}, required=("rest",)),
@@ -398,7 +403,8 @@ def _pool(name: str, doc: dict[str, Any]) -> Pool:
     outlier = Outlier(**outlier_doc)
     if outlier.max_ejection_s < outlier.ejection_s:
         raise ConfigError(f"must be at least ejection_s ({outlier.ejection_s})", f"{key}.outlier.max_ejection_s")
-    scalars = {field: doc[field] for field in ("balancer", "panic_threshold_percent") if field in doc}
+    scalars = {field: doc[field] for field in ("balancer", "panic_threshold_percent", "latency_decay_s")
+               if field in doc}
     return Pool(name=name, backends=tuple(backends), health_check=HealthCheck(**doc.get("health_check", {})),
                 outlier=outlier, retries=Retries(**doc.get("retries", {})), **scalars)
 

@@ -15,15 +15,16 @@ from __future__ import annotations
 import random
 import re
 import time
-import uuid
+import itertools
+import os
 from typing import Callable, Protocol
 from urllib.parse import quote
 
 import orjson
 
 from backend.http_server import HttpRequest, HttpResponse
-from gateway import accesslog, errors
-from gateway.accesslog import AccessRecord
+from gateway import errors
+from gateway.accesslog import AccessLog, AccessRecord
 from gateway.metrics import GatewayMetrics
 from gateway.routes import RouteDecision
 from gateway.snapshot import Snapshot
@@ -40,15 +41,28 @@ _NOT_RETURNED = frozenset({b"content-type", b"content-length", b"date", b"server
                            b"x-tfgate-upstream"})
 
 
+class RequestIds:
+    """Unique ids made cheaply: a random prefix per process, then a counter (uuid4 costs a system call each)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):010x}"
+
+
 class SnapshotSource(Protocol):
     @property
     def snapshot(self) -> Snapshot: ...
 
 
 class Edge:
-    def __init__(self, source: SnapshotSource, upstreams: Upstreams, metrics: GatewayMetrics,
+    def __init__(self, source: SnapshotSource, upstreams: Upstreams, metrics: GatewayMetrics, access_log: AccessLog,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._source = source
+        self._access_log = access_log
+        self._ids = RequestIds()
         self._upstreams = upstreams
         self._metrics = metrics
         self._rng = rng or random.Random()
@@ -58,7 +72,7 @@ class Edge:
         snapshot = self._source.snapshot
         started = self._clock()
         given = request.headers.get("x-request-id", "")
-        record = AccessRecord(request_id=given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex,
+        record = AccessRecord(request_id=given if _REQUEST_ID.fullmatch(given) else self._ids.next(),
                               method=request.method, path=request.path, peer=request.peer,
                               bytes_in=len(request.body))
         attempts = Attempts()
@@ -78,7 +92,7 @@ class Edge:
             response.headers = [*response.headers, *extra]
             self._metrics.observe_request(model=record.model, route=record.route, status=response.status,
                                           upstream=attempts.upstream, seconds=elapsed)
-            accesslog.write(record)
+            self._access_log.write(record)
             return response
 
     async def _forward(self, snapshot: Snapshot, request: HttpRequest, record: AccessRecord,

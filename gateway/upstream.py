@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from gateway import errors
-from gateway.balancer import LeastLatency, RoundRobin, UpstreamLoad, make_balancer
+from gateway.balancer import LeastLatency, PeakEwma, RoundRobin, UpstreamLoad, make_balancer
 from gateway.config import Backend, GatewayConfig, Pool
 from gateway.health import BackendHealth, State, candidates, may_eject, next_check_delay
 from gateway.metrics import GatewayMetrics
@@ -46,10 +46,10 @@ class BackendRuntime:
     load: UpstreamLoad
     pool: str  # the pool it is in (a backend address belongs to one pool)
     checker: asyncio.Task[None] | None = None
+    name: str = field(init=False)  # "host:port" of its REST address, as the config writes it
 
-    @property
-    def name(self) -> str:
-        return str(self.address.rest)
+    def __post_init__(self) -> None:
+        self.name = str(self.address.rest)
 
     def state(self, now: float) -> State:
         return self.health.state(now)
@@ -118,11 +118,13 @@ class Upstreams:
             runtime = BackendRuntime(address=backend,
                                      http=HttpPool(backend.rest.host, backend.rest.port,
                                                    connect_timeout_s=pool.health_check.timeout_s),
-                                     health=BackendHealth(pool.health_check, pool.outlier), load=UpstreamLoad(),
+                                     health=BackendHealth(pool.health_check, pool.outlier),
+                                     load=UpstreamLoad(ewma=PeakEwma(decay_s=pool.latency_decay_s)),
                                      pool=pool.name)
         else:
             runtime.address = backend
             runtime.health.reconfigure(pool.health_check, pool.outlier)
+            runtime.load.ewma.decay_s = pool.latency_decay_s
         return runtime
 
     def apply(self, pools: Mapping[str, PoolRuntime], request_timeout_s: float) -> None:
