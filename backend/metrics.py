@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -34,6 +34,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics_core import Metric
+
+from backend.loop_metrics import Labels, LoopCounter, LoopGauge, LoopHistogram, LoopMetrics
 
 ENTRYPOINTS = ("REST", "GRPC")
 
@@ -54,14 +56,33 @@ class BackendMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._registry = CollectorRegistry() if registry is None else registry
         own = CollectorRegistry()
-        self._tf_request_count = Counter(
-            "tensorflow_serving_request_count_total", "TF Serving's :tensorflow:serving:request_count: requests "
-            "to predict, classify and regress, by gRPC status code name.",
-            ["model_name", "status"], registry=own)
-        self._tf_request_latency = Histogram(
+        # The request path's metrics: lock-free, on the event loop thread (backend/loop_metrics.py).
+        self._tf_request_count = LoopCounter(
+            "tensorflow_serving_request_count", "TF Serving's :tensorflow:serving:request_count: requests "
+            "to predict, classify and regress, by gRPC status code name.", ["model_name", "status"])
+        self._tf_request_latency = LoopHistogram(
             "tensorflow_serving_request_latency", "TF Serving's :tensorflow:serving:request_latency: wall time in "
             "microseconds of successful predict, classify and regress requests.",
-            ["model_name", "API", "entrypoint"], buckets=_TF_SERVING_MICROS_BUCKETS, registry=own)
+            ["model_name", "API", "entrypoint"], _TF_SERVING_MICROS_BUCKETS)
+        self._requests = LoopCounter(
+            "tfgate_backend_requests", "Requests by model, version served (empty when none was), API, "
+            "entrypoint and gRPC status code name.", ["model", "version", "api", "entrypoint", "code"])
+        self._request_seconds = LoopHistogram(
+            "tfgate_backend_request_duration_seconds", "Time to answer a request, whatever its outcome.",
+            ["model", "api", "entrypoint"], _REQUEST_SECONDS_BUCKETS)
+        self._in_flight = LoopGauge("tfgate_backend_in_flight_requests", "Requests being served now.", ["entrypoint"])
+        self._batch_rows = LoopHistogram(
+            "tfgate_backend_batch_size_rows", "Rows of real requests in each batch run (padding excluded).",
+            ["model"], _BATCH_ROWS_BUCKETS)
+        self._batch_padding = LoopCounter(
+            "tfgate_backend_batch_padding_rows", "Rows added to batches to reach an allowed batch size.", ["model"])
+        self._batch_queue_seconds = LoopHistogram(
+            "tfgate_backend_batch_queue_seconds", "Time a request waited in its batching queue.",
+            ["model"], _QUEUE_SECONDS_BUCKETS)
+        own.register(LoopMetrics(self._tf_request_count, self._tf_request_latency, self._requests,
+                                 self._request_seconds, self._in_flight, self._batch_rows, self._batch_padding,
+                                 self._batch_queue_seconds))
+        # Updated from executor threads (loads): prometheus-client's locked metrics.
         self._tf_load_attempts = Counter(
             "tensorflow_cc_saved_model_load_attempt_count_total", "TF's :tensorflow:cc:saved_model:load_attempt_count: "
             "attempts to load a SavedModel version, by outcome (success or fail).",
@@ -74,15 +95,6 @@ class BackendMetrics:
             "tensorflow_serving_model_warmup_latency", "TF Serving's :tensorflow:serving:model_warmup_latency: "
             "wall time in microseconds of replaying a version's warm-up requests.",
             ["model_path", "status"], buckets=_TF_SERVING_MICROS_BUCKETS, registry=own)
-        self._requests = Counter(
-            "tfgate_backend_requests_total", "Requests by model, version served (empty when none was), API, "
-            "entrypoint and gRPC status code name.",
-            ["model", "version", "api", "entrypoint", "code"], registry=own)
-        self._request_seconds = Histogram(
-            "tfgate_backend_request_duration_seconds", "Time to answer a request, whatever its outcome.",
-            ["model", "api", "entrypoint"], buckets=_REQUEST_SECONDS_BUCKETS, registry=own)
-        self._in_flight = Gauge(
-            "tfgate_backend_in_flight_requests", "Requests being served now.", ["entrypoint"], registry=own)
         self._load_seconds = Histogram(
             "tfgate_backend_model_load_duration_seconds", "Time to load a model version, warm-up included, of "
             "loads that succeeded.", ["model"], buckets=_LOAD_SECONDS_BUCKETS, registry=own)
@@ -92,28 +104,20 @@ class BackendMetrics:
         self._versions_available = Gauge(
             "tfgate_backend_model_versions_available", "Versions of a model that serve requests now.",
             ["model"], registry=own)
-        self._batch_rows = Histogram(
-            "tfgate_backend_batch_size_rows", "Rows of real requests in each batch run (padding excluded).",
-            ["model"], buckets=_BATCH_ROWS_BUCKETS, registry=own)
-        self._batch_padding = Counter(
-            "tfgate_backend_batch_padding_rows_total", "Rows added to batches to reach an allowed batch size.",
-            ["model"], registry=own)
-        self._batch_queue_seconds = Histogram(
-            "tfgate_backend_batch_queue_seconds", "Time a request waited in its batching queue.",
-            ["model"], buckets=_QUEUE_SECONDS_BUCKETS, registry=own)
         self._registry.register(_WithoutCreated(own))
 
-        self._by_model = ((self._requests, "model"), (self._request_seconds, "model"),
-                          (self._load_seconds, "model"), (self._load_failures, "model"),
-                          (self._versions_available, "model"), (self._batch_rows, "model"),
-                          (self._batch_padding, "model"), (self._batch_queue_seconds, "model"),
-                          (self._tf_request_count, "model_name"), (self._tf_request_latency, "model_name"))
+        self._by_model = ((self._load_seconds, "model"), (self._load_failures, "model"),
+                          (self._versions_available, "model"))
+        self._loop_by_model = ((self._requests, "model"), (self._request_seconds, "model"),
+                               (self._batch_rows, "model"), (self._batch_padding, "model"),
+                               (self._batch_queue_seconds, "model"), (self._tf_request_count, "model_name"),
+                               (self._tf_request_latency, "model_name"))
         self._by_path = (self._tf_load_attempts, self._tf_load_latency, self._tf_warmup_latency)
         self._paths: dict[str, set[str]] = {}  # model -> version directories seen, for forget_model
         self._paths_lock = threading.Lock()  # loads are observed on executor threads
-        self._request_children: dict[tuple[str, int | None, str, str, str], tuple[Any, Any, Any, Any]] = {}
-        # exported at 0 from the start (alerts see 0, not no data); children cached, since labels() is not cheap
-        self._in_flight_children = {entrypoint: self._in_flight.labels(entrypoint) for entrypoint in ENTRYPOINTS}
+        self._request_labels: dict[tuple[str, int | None, str, str, str], _RequestLabels] = {}
+        for entrypoint in ENTRYPOINTS:  # exported at 0 from the start: alerts see 0, not no data
+            self._in_flight.set((entrypoint,), 0)
 
     def observe_request(self, *, model: str, version: int | None, api: str, entrypoint: str, code: str,
                         seconds: float) -> None:
@@ -122,29 +126,25 @@ class BackendMetrics:
         `model` "" when the request named none.
         """
         key = (model, version, api, entrypoint, code)
-        children = self._request_children.get(key)
-        if children is None:  # labels() takes a lock and builds keys: once per label set, not per request
-            children = self._request_children[key] = self._request_series(*key)
-        requests, duration, tf_count, tf_latency = children
-        requests.inc()
-        duration.observe(seconds)
-        if tf_count is not None:
-            tf_count.inc()
-        if tf_latency is not None:
-            tf_latency.observe(seconds * _MICROS_PER_SECOND)
+        labels = self._request_labels.get(key)
+        if labels is None:
+            labels = self._request_labels[key] = _request_labels(*key)
+        self._requests.inc(labels.requests)
+        self._request_seconds.observe(labels.duration, seconds)
+        if labels.tf_count is not None:
+            self._tf_request_count.inc(labels.tf_count)
+        if labels.tf_latency is not None:
+            self._tf_request_latency.observe(labels.tf_latency, seconds * _MICROS_PER_SECOND)
 
-    def _request_series(self, model: str, version: int | None, api: str, entrypoint: str,
-                        code: str) -> tuple[Any, Any, Any | None, Any | None]:
-        tf_api = _TF_SERVING_APIS.get(api)
-        return (self._requests.labels(model, "" if version is None else str(version), api, entrypoint, code),
-                self._request_seconds.labels(model, api, entrypoint),
-                None if tf_api is None else self._tf_request_count.labels(model, code),
-                None if tf_api is None or code != "OK" else self._tf_request_latency.labels(model, tf_api,
-                                                                                            entrypoint))
-
-    def in_flight(self, entrypoint: str) -> AbstractContextManager[None]:
+    @contextmanager
+    def in_flight(self, entrypoint: str) -> Iterator[None]:
         """Counts a request as in flight until the block exits, however it exits."""
-        return self._in_flight_children[entrypoint].track_inprogress()
+        labels = (entrypoint,)
+        self._in_flight.add(labels, 1)
+        try:
+            yield
+        finally:
+            self._in_flight.add(labels, -1)
 
     def observe_load(self, *, model: str, version: int, path: str, seconds: float, ok: bool) -> None:
         """One attempt to load `version` of `model` from `path`, its directory; a retry is another attempt."""
@@ -163,12 +163,12 @@ class BackendMetrics:
 
     def observe_batch(self, *, model: str, rows: int, padded_rows: int, queue_seconds: Sequence[float]) -> None:
         """One batch run: its real rows, its padded size, and how long each of its requests waited."""
-        self._batch_rows.labels(model).observe(rows)
+        labels = (model,)
+        self._batch_rows.observe(labels, rows)
         if padded_rows > rows:
-            self._batch_padding.labels(model).inc(padded_rows - rows)
-        waited = self._batch_queue_seconds.labels(model)
+            self._batch_padding.inc(labels, padded_rows - rows)
         for seconds in queue_seconds:
-            waited.observe(seconds)
+            self._batch_queue_seconds.observe(labels, seconds)
 
     def set_available_versions(self, model: str, count: int) -> None:
         self._versions_available.labels(model).set(count)
@@ -177,7 +177,9 @@ class BackendMetrics:
         """Stops exporting every series of a model that left the config, its versions' directories included."""
         for metric, label in self._by_model:
             metric.remove_by_labels({label: model})
-        self._request_children = {key: series for key, series in self._request_children.items() if key[0] != model}
+        for family, label in self._loop_by_model:
+            family.remove_matching(label, model)
+        self._request_labels = {key: labels for key, labels in self._request_labels.items() if key[0] != model}
         with self._paths_lock:
             paths = self._paths.pop(model, set())
         for path in paths:
@@ -187,6 +189,24 @@ class BackendMetrics:
     def exposition(self) -> tuple[bytes, str]:
         """The registry in Prometheus' text format, and the Content-Type to send it with."""
         return generate_latest(self._registry), CONTENT_TYPE_LATEST
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestLabels:
+    """The label tuples one kind of request updates, built once per kind."""
+
+    requests: Labels
+    duration: Labels
+    tf_count: Labels | None  # None: not an API TF Serving counts
+    tf_latency: Labels | None  # None: not counted, or not OK
+
+
+def _request_labels(model: str, version: int | None, api: str, entrypoint: str, code: str) -> _RequestLabels:
+    tf_api = _TF_SERVING_APIS.get(api)
+    return _RequestLabels(requests=(model, "" if version is None else str(version), api, entrypoint, code),
+                          duration=(model, api, entrypoint),
+                          tf_count=None if tf_api is None else (model, code),
+                          tf_latency=None if tf_api is None or code != "OK" else (model, tf_api, entrypoint))
 
 
 class _WithoutCreated:

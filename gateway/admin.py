@@ -7,7 +7,8 @@ It runs on its own port so that the public endpoint never exposes it, and answer
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import orjson
 

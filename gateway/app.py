@@ -20,8 +20,8 @@ import random
 import signal
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import watchfiles
 

@@ -12,12 +12,13 @@ Credentials the client sent (`authorization`, `x-api-key`, cookies) are never fo
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 import re
 import time
-import itertools
-import os
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 from urllib.parse import quote
 
 import orjson

@@ -6,9 +6,13 @@ Children are cached per label set, since `labels()` takes a lock and builds a ke
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from backend.loop_metrics import LoopCounter, LoopGauge, LoopHistogram, LoopMetrics
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UpstreamState = Literal["healthy", "unhealthy", "ejected"]
@@ -19,15 +23,17 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         reg = self.registry
-        self._requests = Counter("tfgate_gateway_requests", "Requests answered, by model, route, status and the "
-                                 "upstream that answered (\"\" when none did).",
-                                 ["model", "route", "code", "upstream"], registry=reg)
-        self._duration = Histogram("tfgate_gateway_request_duration_seconds", "Time from a complete request to its "
-                                   "answer, through the gateway.", ["model", "route"], buckets=_LATENCY_BUCKETS,
-                                   registry=reg)
-        self._upstream_duration = Histogram("tfgate_gateway_upstream_duration_seconds", "Time of each attempt at "
-                                            "a backend.", ["pool", "upstream"], buckets=_LATENCY_BUCKETS, registry=reg)
-        self._in_flight = Gauge("tfgate_gateway_requests_in_flight", "Requests being answered.", registry=reg)
+        # The request path's metrics: lock-free, on the event loop thread (backend/loop_metrics.py).
+        self._requests = LoopCounter("tfgate_gateway_requests", "Requests answered, by model, route, status and the "
+                                     "upstream that answered (\"\" when none did).",
+                                     ["model", "route", "code", "upstream"])
+        self._duration = LoopHistogram("tfgate_gateway_request_duration_seconds", "Time from a complete request to "
+                                       "its answer, through the gateway.", ["model", "route"], _LATENCY_BUCKETS)
+        self._upstream_duration = LoopHistogram("tfgate_gateway_upstream_duration_seconds", "Time of each attempt "
+                                                "at a backend.", ["pool", "upstream"], _LATENCY_BUCKETS)
+        self._in_flight = LoopGauge("tfgate_gateway_requests_in_flight", "Requests being answered.", [])
+        self._in_flight.set((), 0)
+        reg.register(LoopMetrics(self._requests, self._duration, self._upstream_duration, self._in_flight))
         self._state = Gauge("tfgate_gateway_upstream_state", "1 for the state each backend is in.",
                             ["pool", "upstream", "state"], registry=reg)
         self._ejections = Counter("tfgate_gateway_upstream_ejections", "Outlier ejections of a backend after "
@@ -52,15 +58,20 @@ class GatewayMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def in_flight(self) -> Any:
-        return self._in_flight.track_inprogress()
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        self._in_flight.add((), 1)
+        try:
+            yield
+        finally:
+            self._in_flight.add((), -1)
 
     def observe_request(self, *, model: str, route: str, status: int, upstream: str, seconds: float) -> None:
-        self._child(self._requests, model, route, str(status), upstream).inc()
-        self._child(self._duration, model, route).observe(seconds)
+        self._requests.inc((model, route, str(status), upstream))
+        self._duration.observe((model, route), seconds)
 
     def observe_attempt(self, *, pool: str, upstream: str, seconds: float) -> None:
-        self._child(self._upstream_duration, pool, upstream).observe(seconds)
+        self._upstream_duration.observe((pool, upstream), seconds)
 
     def set_state(self, *, pool: str, upstream: str, state: UpstreamState) -> None:
         for each in STATES:
@@ -68,8 +79,9 @@ class GatewayMetrics:
 
     def forget_upstream(self, *, pool: str, upstream: str) -> None:
         """A backend that left the config stops being exported."""
-        for metric in (self._state, self._ejections, self._upstream_duration):
+        for metric in (self._state, self._ejections):
             metric.remove_by_labels({"pool": pool, "upstream": upstream})
+        self._upstream_duration.remove_matching("upstream", upstream)
         self._children = {key: child for key, child in self._children.items() if upstream not in key[1:]}
 
     def ejected(self, *, pool: str, upstream: str) -> None:

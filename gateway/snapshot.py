@@ -7,8 +7,8 @@ finishes on the config it started with, and a reload is one reference assignment
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from gateway.config import GatewayConfig
 from gateway.routes import RouteTable

@@ -9,7 +9,7 @@ there, before the handshake proceeds). Connections already open keep the context
 from __future__ import annotations
 
 import ssl
-from typing import Callable
+from collections.abc import Callable
 
 from gateway.config import TlsConfig
 

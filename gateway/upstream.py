@@ -20,8 +20,8 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 from gateway import errors
 from gateway.balancer import LeastLatency, PeakEwma, RoundRobin, UpstreamLoad, make_balancer

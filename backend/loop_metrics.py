@@ -1,0 +1,100 @@
+"""Prometheus metric families for the request path, updated without locks because only the event loop thread
+touches them.
+
+Why: prometheus-client's metrics take a lock on every increment (they may be updated from any thread). On the
+request path that is ten or so locked updates per request; measured on the backend, dropping them raised
+single-row REST throughput by ~20%. Here a series is a plain list in a dict, and a scrape builds the families.
+
+The rule that makes this safe: every update and every collect happens on the event loop thread (REST and grpc.aio
+handlers, the batcher's dispatcher, and the exposition handler all run there). Metrics updated from other threads
+(model loads run on an executor) stay on prometheus-client's own, locked classes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+Labels = tuple[str, ...]
+
+
+class _Family:
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._series: dict[Labels, Any] = {}
+
+    def remove_matching(self, label: str, value: str) -> None:
+        """Stop exporting every series whose `label` is `value`."""
+        index = self.labelnames.index(label)
+        for labels in [labels for labels in self._series if labels[index] == value]:
+            del self._series[labels]
+
+
+class LoopCounter(_Family):
+    """A counter family; `name` without the `_total` the exposition adds."""
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        self._series[labels] = self._series.get(labels, 0.0) + amount
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in self._series.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class LoopGauge(_Family):
+    def add(self, labels: Labels, amount: float) -> None:
+        self._series[labels] = self._series.get(labels, 0.0) + amount
+
+    def set(self, labels: Labels, value: float) -> None:
+        self._series[labels] = value
+
+    def collect(self) -> Metric:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in self._series.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class LoopHistogram(_Family):
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]) -> None:
+        super().__init__(name, documentation, labelnames)
+        self._bounds = tuple(float(bound) for bound in buckets)
+        self._le = [floatToGoString(bound) for bound in self._bounds] + ["+Inf"]
+        # Each series: per-bucket counts (not cumulative), then the sum.
+
+    def observe(self, labels: Labels, value: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0.0] * (len(self._bounds) + 2)
+        series[bisect.bisect_left(self._bounds, value)] += 1
+        series[-1] += value
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, series in self._series.items():
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._le, series):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(labels, buckets, series[-1])
+        return family
+
+
+class LoopMetrics(Collector):
+    """The families above, as one collector to register on a registry."""
+
+    def __init__(self, *families: LoopCounter | LoopGauge | LoopHistogram) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.collect()
