@@ -11,9 +11,10 @@ response the worker waits until the transport's write buffer drains below its hi
 
 What it guarantees:
 - A body over `max_body_bytes` gets 413 (before any 100 Continue, or as soon as the chunks pass the limit), a
-  malformed request 400, a head still incomplete after 64 KiB 431: each in its turn after the answers already owed,
-  and then the connection closes. It closes lingering: what the client still sends is read and dropped until it
-  closes, for up to `header_timeout_s`, so a client busy sending its body reads the refusal instead of a reset.
+  malformed request 400, a head still incomplete after 64 KiB or with over 100 header fields 431: each in its turn
+  after the answers already owed, and then the connection closes. It closes lingering: what the client still sends
+  is read and dropped until it closes, for up to `header_timeout_s`, so a client busy sending its body reads the
+  refusal instead of a reset.
 - A handler's exception is logged with its stack and answered with a bare 500; the connection stays usable.
 - A request head must be complete within `header_timeout_s` of its first byte (or of the connection), and its body
   must not pause for longer than that; an idle keep-alive connection is closed after `keepalive_timeout_s`. These
@@ -50,6 +51,7 @@ class HttpRequest:
     headers: Mapping[str, str]  # lower-case names; repeated fields joined with ", "
     body: bytes
     peer: str  # "host:port"
+    peer_certificate: bytes | None = None  # the client's TLS certificate (DER), when it sent one the server verified
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE = "Connection: close\r\n"
 _KEEP_ALIVE = "Connection: keep-alive\r\n"  # HTTP/1.0 closes without it
 _INTERNAL_ERROR = "Internal error while serving the request; see the server log"
+_MAX_HEADER_FIELDS = 100  # distinct names; as nginx's and Go's servers, a bound on per-request header work
 _MAX_HEAD_BYTES = 64 * 1024  # llhttp does not bound the request line and headers; checked after each read
 # What a connection waits for from its client, which decides the deadline that applies.
 _HEAD, _BODY, _NEXT, _LINGER = "head", "body", "next request", "linger"
@@ -170,6 +173,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport  # set by connection_made
         self._parser = httptools.HttpRequestParser(self)
         self._peer = ""
+        self._peer_certificate: bytes | None = None
         # The request being received.
         self._url = b""
         self._headers: dict[str, str] = {}
@@ -196,6 +200,8 @@ class _Connection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         host, port = (transport.get_extra_info("peername") or ("?", 0))[:2]  # None if the client already left
         self._peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        tls = transport.get_extra_info("ssl_object")  # the handshake is over by now: asyncio calls this after it
+        self._peer_certificate = tls.getpeercert(binary_form=True) if tls is not None else None
         self._server.track(self)
         if self._server.stopping:  # accepted just as shutdown began
             transport.close()
@@ -236,6 +242,9 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self._headers) >= _MAX_HEADER_FIELDS:
+            self._refuse(431, f"Too many request header fields (the limit is {_MAX_HEADER_FIELDS})")
+            raise _StopParsing
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")
         self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
 
@@ -275,7 +284,8 @@ class _Connection(asyncio.Protocol):
             path = unquote_to_bytes(path)
         request = HttpRequest(method=parser.get_method().decode("ascii"), path=path.decode("utf-8", "replace"),
                               query=url.query.decode("latin-1") if url.query else "",
-                              headers=self._headers, body=body, peer=self._peer)
+                              headers=self._headers, body=body, peer=self._peer,
+                              peer_certificate=self._peer_certificate)
         keep_alive = parser.should_keep_alive()
         self._turns.append(_Turn(request, None, keep_alive, keep_alive and parser.get_http_version() == "1.0"))
         if not keep_alive:

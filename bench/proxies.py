@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -26,10 +27,14 @@ import yaml
 
 from bench.backend_process import HOST, REPO, ServerExited, ServerProcess, free_port
 from gateway.certs import CertPaths
+from gateway.keys import digest
 
 NGINX_MISSING = "nginx not installed: apt-get install nginx"
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin")  # not on every user's PATH
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # what the gateway offers (gateway/tls.py), so both do equal work
+
+
+ADMIN_KEY = secrets.token_urlsafe(24)  # this bench run's admin key, for the gateways it starts
 
 
 def find_nginx(given: str | None = None) -> str | None:
@@ -52,6 +57,8 @@ def gateway_config(certs: CertPaths, backends: Sequence[str], balancer: str, htt
         "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key)},
         "pools": {"backends": {"balancer": balancer, "backends": [{"rest": backend} for backend in backends]}},
         "routes": [{"model": "*", "pool": "backends"}],
+        # A proxy against a proxy: nginx here authenticates no one either. The admin key lets the bench read state.
+        "auth": {"required": False, "admin_keys": [{"name": "bench", "sha256": digest(ADMIN_KEY)}]},
         "expose_upstream_header": False,
     }
 
@@ -105,7 +112,8 @@ class GatewayProcess(ServerProcess):
     def _get(self, path: str) -> tuple[int, Any]:
         """Status and JSON of an admin GET (the body as text if the status is an error)."""
         try:
-            with urllib.request.urlopen(self.admin + path, timeout=10) as response:
+            request = urllib.request.Request(self.admin + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode(errors="replace")

@@ -29,6 +29,7 @@ class AccessRecord:
     method: str
     path: str
     peer: str
+    principal: str = ""  # who called: a key or certificate rule's name, a token's subject; never a secret
     ts: float = field(default_factory=time.time)
     status: int = 0
     model: str = ""

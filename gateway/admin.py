@@ -1,7 +1,9 @@
 """The admin listener (plain HTTP, on loopback unless the config says otherwise): Prometheus metrics, liveness and
 readiness, the live state of every backend, the config in force (redacted), and `POST /admin/reload`.
 
-It runs on its own port so that the public endpoint never exposes it, and answers JSON like the rest.
+It runs on its own port so that the public endpoint never exposes it, and answers JSON like the rest. Everything
+but the probes and `/metrics` needs a key from `auth.admin_keys` (`Authorization: Bearer <key>`), even on loopback:
+the admin API shows the config and reloads it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from typing import Any, Protocol
 import orjson
 
 from backend.http_server import HttpRequest, HttpResponse
+from gateway.auth import AuthError
 from gateway.config import redacted
 from gateway.metrics import GatewayMetrics
 from gateway.snapshot import Snapshot
 from gateway.upstream import Upstreams
+
+_OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapers carry no credentials
 
 
 class AdminTarget(Protocol):
@@ -52,6 +57,12 @@ class Admin:
     async def handle(self, request: HttpRequest) -> HttpResponse:
         method = "GET" if request.method == "HEAD" else request.method
         route = self._routes.get((method, request.path))
+        if route is not None and request.path not in _OPEN:
+            try:
+                self._target.snapshot.authenticator.authenticate_admin(request.headers)
+            except AuthError as error:
+                return HttpResponse(status=401, body=orjson.dumps({"error": error.message}),
+                                    headers=[("www-authenticate", error.challenge or 'Bearer realm="tfgate-admin"')])
         if route is None:
             known = {path for _, path in self._routes}
             status = 405 if request.path in known else 404

@@ -28,9 +28,12 @@ import watchfiles
 from backend.http_server import HttpServer, json_error_body
 from gateway.accesslog import AccessLog
 from gateway.admin import Admin
+from gateway.auth import AuthConfigError, Authenticator
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.guard import Guard
 from gateway.http_edge import Edge
 from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimiter
 from gateway.routes import RouteTable
 from gateway.snapshot import Snapshot
 from gateway.tls import TlsError, server_context, switching_context
@@ -54,6 +57,7 @@ class Gateway:
         self._clock = clock
         self._watch_file = watch_file
         self.upstreams = Upstreams(self.metrics, self._rng, clock)
+        self._limiter: RateLimiter | None = None  # made with the first config; reconfigured, never replaced
         self._snapshot: Snapshot | None = None
         self._reload_lock = asyncio.Lock()
         self._edge_server: HttpServer | None = None
@@ -82,12 +86,14 @@ class Gateway:
 
     async def start(self) -> None:
         try:
-            config, context = await asyncio.to_thread(_read, self.config_path)
-        except (ConfigError, TlsError) as error:
+            config, context, authenticator = await asyncio.to_thread(_read, self.config_path)
+        except (ConfigError, TlsError, AuthConfigError) as error:
             raise StartupError(str(error)) from None
-        self._install(config, context, generation=1)
+        self._limiter = RateLimiter(config.rate_limits)
+        self._install(config, context, authenticator, generation=1)
         limits = config.limits
-        edge = Edge(self, self.upstreams, self.metrics, self.access_log, self._rng, self._clock)
+        guard = Guard(self._limiter, self.metrics, self._clock)
+        edge = Edge(self, self.upstreams, guard, self.metrics, self.access_log, self._rng, self._clock)
         admin = Admin(self, self.upstreams, self.metrics, self._clock)
         self._admin_server = HttpServer(admin.handle, max_body_bytes=64 * 1024,
                                         header_timeout_s=limits.header_timeout_s, error_body=json_error_body)
@@ -110,11 +116,16 @@ class Gateway:
         log.info("tfgate gateway: https on %s:%d, admin on http://%s:%d, config %s", config.listen.https.host,
                  self.https_port, config.listen.admin.host, self.admin_port, self.config_path)
 
-    def _install(self, config: GatewayConfig, context: ssl.SSLContext, generation: int) -> None:
+    def _install(self, config: GatewayConfig, context: ssl.SSLContext, authenticator: Authenticator,
+                 generation: int) -> None:
         pools = self.upstreams.build(config)
         self._snapshot = Snapshot(generation=generation, config=config, routes=RouteTable(config.routes),
-                                  pools=pools, tls=context)
+                                  pools=pools, tls=context, authenticator=authenticator)
         self.upstreams.apply(pools, config.limits.request_timeout_s)
+        assert self._limiter is not None
+        self._limiter.reconfigure(config.rate_limits)
+        if authenticator.misconfigured:
+            log.error("every request will get 401: %s", authenticator.misconfigured)
         if self._edge_server is not None:
             self._edge_server.set_limits(max_body_bytes=config.limits.max_body_bytes,
                                          header_timeout_s=config.limits.header_timeout_s,
@@ -125,16 +136,16 @@ class Gateway:
         async with self._reload_lock:
             current = self.snapshot
             try:
-                config, context = await asyncio.to_thread(_read, self.config_path)
+                config, context, authenticator = await asyncio.to_thread(_read, self.config_path)
                 if config.listen != current.config.listen:
                     raise ConfigError(f"listen: changed from {_listen(current.config)} to {_listen(config)}; "
                                       "a new listen address needs a restart")
-            except (ConfigError, TlsError) as error:
+            except (ConfigError, TlsError, AuthConfigError) as error:
                 self.metrics.reloaded(False)
                 log.error("config reload (%s) rejected, still serving generation %d: %s", reason,
                           current.generation, error)
                 return False, f"config rejected, still serving generation {current.generation}: {error}"
-            self._install(config, context, current.generation + 1)
+            self._install(config, context, authenticator, current.generation + 1)
             self.metrics.reloaded(True)
             log.info("config reload (%s): generation %d applied from %s", reason, current.generation + 1,
                      self.config_path)
@@ -172,9 +183,10 @@ class Gateway:
         self.access_log.flush()
 
 
-def _read(path: Path) -> tuple[GatewayConfig, ssl.SSLContext]:
+def _read(path: Path) -> tuple[GatewayConfig, ssl.SSLContext, Authenticator]:
+    """Everything a snapshot needs from files: off the event loop, since it reads the config, certificates and JWKS."""
     config = load_config(path)
-    return config, server_context(config.tls)
+    return config, server_context(config.tls), Authenticator.from_config(config.auth)
 
 
 def _listen(config: GatewayConfig) -> str:

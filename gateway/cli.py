@@ -15,6 +15,7 @@ from backend.demo_models import ensure_demo_models
 from gateway.__main__ import add_arguments as add_gateway_arguments
 from gateway.__main__ import run as run_gateway
 from gateway.certs import write_dev_certs
+from gateway.keys import new_key
 
 DEMO_MODELS = ("half_plus_two", "half_plus_two_tf1", "mlp", "strings")
 
@@ -59,6 +60,18 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_key(args: argparse.Namespace) -> int:
+    try:
+        key, line = new_key(args.name)
+    except ValueError as error:
+        print(f"tfgate keys new: {error}", file=sys.stderr)
+        return 2
+    print(f"key: {key}\n"
+          "  (shown once: only its digest is stored; give it to the client, who sends Authorization: Bearer <key>)\n"
+          f"add under auth.api_keys (or auth.admin_keys, without models) in the gateway's config:\n  {line}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tfgate", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     gateway = commands.add_parser("gateway", help="run the TLS gateway in front of backends (see configs/gateway.yaml)")
     add_gateway_arguments(gateway)
     gateway.set_defaults(run=run_gateway)
+    keys = commands.add_parser("keys", help="API keys for the gateway's config")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = key_commands.add_parser("new", help="print a fresh random key once, and the config line with its digest")
+    new.add_argument("name", help="the key's name (who holds it): letters, digits, '.', '_' or '-'")
+    new.set_defaults(run=_new_key)
     models = commands.add_parser("demo-models", help="build the demo SavedModels (cached) and print where")
     models.set_defaults(run=lambda _args: print(ensure_demo_models()) or 0)
     args = parser.parse_args(argv)

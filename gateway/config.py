@@ -20,7 +20,7 @@ import math
 import re
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -134,6 +134,67 @@ class Route:
     split: tuple[SplitTarget, ...] = ()
 
 
+ALL_METHODS = ("predict", "classify", "regress", "metadata", "status")
+_EMPTY_RATES: Mapping[str, Rate] = types.MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    per_second: float
+    burst: float  # the bucket's size: requests a principal may send at once after being idle
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str
+    sha256: str  # hex digest of the key: the key itself is never stored
+    models: tuple[str, ...] = ("*",)  # fnmatch globs
+    methods: tuple[str, ...] = ALL_METHODS
+    rate: Rate | None = None  # for this principal, across its models
+    model_rates: Mapping[str, Rate] = field(default_factory=lambda: _EMPTY_RATES)  # this principal, one model
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertRule:
+    subject: str  # RFC 4514, as the certificate's subject prints it: "CN=batch-job"
+    models: tuple[str, ...] = ("*",)
+    methods: tuple[str, ...] = ALL_METHODS
+    rate: Rate | None = None
+    model_rates: Mapping[str, Rate] = field(default_factory=lambda: _EMPTY_RATES)
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    issuer: str
+    audience: str
+    jwks_file: Path
+    models_claim: str = "models"
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    leeway_s: float = 30
+    rate: Rate | None = None  # per token subject
+
+
+@dataclass(frozen=True, slots=True)
+class AdminKey:
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    required: bool = True  # off only when said so: a gateway with no credentials refuses every request
+    api_keys: tuple[ApiKey, ...] = ()
+    jwt: JwtConfig | None = None
+    client_certs: tuple[ClientCertRule, ...] = ()
+    admin_keys: tuple[AdminKey, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    default: Rate | None = None  # per principal whose entry names no rate
+    models: Mapping[str, Rate] = field(default_factory=lambda: _EMPTY_RATES)  # a model's cap, all principals
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     tls: TlsConfig
@@ -141,6 +202,8 @@ class GatewayConfig:
     routes: tuple[Route, ...]
     listen: Listen = Listen()
     limits: Limits = Limits()
+    auth: AuthConfig = AuthConfig()
+    rate_limits: RateLimits = RateLimits()
     expose_upstream_header: bool = False
     source: str = "<text>"
 
@@ -185,10 +248,13 @@ def load_config(path: Path) -> GatewayConfig:
 
 
 def redacted(config: GatewayConfig) -> dict[str, Any]:
-    """The config as JSON-able data, in the file's shape, for GET /admin/config (no secrets exist in it yet)."""
+    """The config as JSON-able data, in the file's shape, for GET /admin/config. Keys are stored as digests only,
+    and even those are shown as "<redacted>": a digest of a short key can be brute-forced."""
     out = cast(dict[str, Any], _jsonable(config))
     for pool in out["pools"].values():
         del pool["name"]  # it is the key already
+    for entry in [*out["auth"]["api_keys"], *out["auth"]["admin_keys"]]:
+        entry["sha256"] = "<redacted>"
     return out
 
 
@@ -231,6 +297,15 @@ _DURATION = {"type": "number", "exclusiveMinimum": 0}
 _PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
 _THRESHOLD = {"type": "integer", "minimum": 1}
 _STRING = {"type": "string", "minLength": 1}
+_RATE = _object({"per_second": _DURATION, "burst": {"type": "number", "minimum": 1}}, required=("per_second", "burst"))
+_RATES = {"type": "object", "propertyNames": {"type": "string", "minLength": 1}, "additionalProperties": _RATE}
+_DIGEST = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"}
+_GRANTS = {
+    "models": {"type": "array", "items": _STRING},
+    "methods": {"type": "array", "items": {"enum": list(ALL_METHODS)}, "uniqueItems": True},
+    "rate": _RATE, "model_rates": _RATES,
+}
 
 _SCHEMA = _object({
     "listen": _object({"https": {"type": "string"}, "admin": {"type": "string"}}),
@@ -278,6 +353,22 @@ _SCHEMA = _object({
             }, required=("weight",))},
         }, required=("model", "pool")),
     },
+    "auth": _object({
+        "required": {"type": "boolean"},
+        "api_keys": {"type": "array", "items": _object({"name": _NAME, "sha256": _DIGEST, **_GRANTS},
+                                                       required=("name", "sha256"))},
+        "jwt": _object({
+            "issuer": _STRING, "audience": _STRING, "jwks_file": _STRING, "models_claim": _STRING,
+            "algorithms": {"type": "array", "minItems": 1, "uniqueItems": True,
+                           "items": {"enum": ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                                              "ES512", "EdDSA"]}},
+            "leeway_s": {"type": "number", "minimum": 0, "maximum": 300}, "rate": _RATE,
+        }, required=("issuer", "audience", "jwks_file")),
+        "client_certs": {"type": "array", "items": _object({"subject": _STRING, **_GRANTS}, required=("subject",))},
+        "admin_keys": {"type": "array", "items": _object({"name": _NAME, "sha256": _DIGEST},
+                                                         required=("name", "sha256"))},
+    }),
+    "rate_limits": _object({"default": _RATE, "models": _RATES}),
     "expose_upstream_header": {"type": "boolean"},
 }, required=("tls", "pools", "routes"))
 
@@ -380,9 +471,48 @@ def _build(doc: dict[str, Any], source: str, base_dir: Path) -> GatewayConfig:
                           "tls.client_cert")
 
     pools = {name: _pool(name, pool_doc) for name, pool_doc in doc["pools"].items()}
+    auth = _auth(doc.get("auth", {}), base_dir)
+    if auth.client_certs and tls.client_cert == "none":
+        raise ConfigError("client certificate rules need tls.client_cert optional or required", "auth.client_certs")
+    limits_doc = doc.get("rate_limits", {})
+    rate_limits = RateLimits(default=_rate(limits_doc.get("default")), models=_rates(limits_doc.get("models", {})))
     return GatewayConfig(tls=tls, pools=pools, routes=_routes(doc["routes"], pools), listen=listen,
-                         limits=Limits(**doc.get("limits", {})),
+                         limits=Limits(**doc.get("limits", {})), auth=auth, rate_limits=rate_limits,
                          expose_upstream_header=doc.get("expose_upstream_header", False), source=source)
+
+
+def _rate(doc: dict[str, float] | None) -> Rate | None:
+    return None if doc is None else Rate(**doc)
+
+
+def _rates(doc: Mapping[str, dict[str, float]]) -> Mapping[str, Rate]:
+    return types.MappingProxyType({model: Rate(**rate) for model, rate in doc.items()})
+
+
+def _grants(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"models": tuple(doc.get("models", ("*",))), "methods": tuple(doc.get("methods", ALL_METHODS)),
+            "rate": _rate(doc.get("rate")), "model_rates": _rates(doc.get("model_rates", {}))}
+
+
+def _auth(doc: dict[str, Any], base_dir: Path) -> AuthConfig:
+    api_keys = tuple(ApiKey(name=entry["name"], sha256=entry["sha256"], **_grants(entry))
+                     for entry in doc.get("api_keys", ()))
+    admin_keys = tuple(AdminKey(name=entry["name"], sha256=entry["sha256"]) for entry in doc.get("admin_keys", ()))
+    for key, entries in (("auth.api_keys", api_keys), ("auth.admin_keys", admin_keys)):
+        names = [entry.name for entry in entries]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ConfigError(f"the name {name!r} is used twice", f"{key}[{index}].name")
+    jwt_doc = doc.get("jwt")
+    jwt = None if jwt_doc is None else JwtConfig(
+        issuer=jwt_doc["issuer"], audience=jwt_doc["audience"], jwks_file=base_dir / jwt_doc["jwks_file"],
+        models_claim=jwt_doc.get("models_claim", "models"),
+        algorithms=tuple(jwt_doc.get("algorithms", ("RS256", "ES256"))), leeway_s=jwt_doc.get("leeway_s", 30),
+        rate=_rate(jwt_doc.get("rate")))
+    client_certs = tuple(ClientCertRule(subject=entry["subject"], **_grants(entry))
+                         for entry in doc.get("client_certs", ()))
+    return AuthConfig(required=doc.get("required", True), api_keys=api_keys, jwt=jwt, client_certs=client_certs,
+                      admin_keys=admin_keys)
 
 
 def _pool(name: str, doc: dict[str, Any]) -> Pool:

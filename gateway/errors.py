@@ -7,9 +7,22 @@ from __future__ import annotations
 class GatewayError(Exception):
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers  # sent with the error: WWW-Authenticate, Retry-After, RateLimit-*
+
+
+class Unauthorized(GatewayError):
+    status = 401
+
+
+class Forbidden(GatewayError):
+    status = 403
+
+
+class TooManyRequests(GatewayError):
+    status = 429
 
 
 class BadRequest(GatewayError):

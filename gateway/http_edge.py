@@ -1,6 +1,7 @@
 """The public REST endpoint: TF Serving's REST API over TLS, each request routed by model and forwarded to a backend.
 
-How a request flows: read the current snapshot once → parse the model, version or label from the URL → route
+How a request flows: read the current snapshot once → parse the model, version or label from the URL →
+authenticate and authorize the caller for that model and method, then rate-limit it (gateway/guard.py) → route
 (a URL without a version or label follows the route's weighted split, by rewriting the path to the chosen
 `/versions/N` or `/labels/L`) → forward through the pool (balancing, retries) → answer with the backend's status
 and body untouched. Errors of the gateway's own (unknown model 404, no healthy backend 503, backend failure 502,
@@ -26,6 +27,7 @@ import orjson
 from backend.http_server import HttpRequest, HttpResponse
 from gateway import errors
 from gateway.accesslog import AccessLog, AccessRecord
+from gateway.guard import Guard
 from gateway.metrics import GatewayMetrics
 from gateway.routes import RouteDecision
 from gateway.snapshot import Snapshot
@@ -33,6 +35,8 @@ from gateway.upstream import Attempts, Upstreams
 
 _MODEL_URL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d{1,18})|/labels/(?P<label>[^/:]+))?"
                         r"(?P<tail>:(?:predict|classify|regress)|/metadata)?", re.IGNORECASE)
+# The method a URL calls, as auth grants name them, by what follows the model (and version or label) in the URL.
+_METHODS = {"predict": "predict", "classify": "classify", "regress": "regress", "metadata": "metadata", "": "status"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Not forwarded: hop-by-hop headers (RFC 9110 7.6.1), ones the gateway sets itself, and client credentials.
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
@@ -59,9 +63,11 @@ class SnapshotSource(Protocol):
 
 
 class Edge:
-    def __init__(self, source: SnapshotSource, upstreams: Upstreams, metrics: GatewayMetrics, access_log: AccessLog,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, source: SnapshotSource, upstreams: Upstreams, guard: Guard, metrics: GatewayMetrics,
+                 access_log: AccessLog, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._source = source
+        self._guard = guard
         self._access_log = access_log
         self._ids = RequestIds()
         self._upstreams = upstreams
@@ -82,7 +88,8 @@ class Edge:
                 response = await self._forward(snapshot, request, record, attempts)
             except errors.GatewayError as error:
                 record.error = error.message
-                response = HttpResponse(status=error.status, body=orjson.dumps({"error": error.message}))
+                response = HttpResponse(status=error.status, body=orjson.dumps({"error": error.message}),
+                                        headers=list(error.headers))
             record.status, record.attempts = response.status, attempts.count
             record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
             elapsed = self._clock() - started
@@ -91,8 +98,11 @@ class Edge:
             if snapshot.config.expose_upstream_header and attempts.upstream:
                 extra.append(("x-tfgate-upstream", attempts.upstream))
             response.headers = [*response.headers, *extra]
-            self._metrics.observe_request(model=record.model, route=record.route, status=response.status,
-                                          upstream=attempts.upstream, seconds=elapsed)
+            # A model name is a label only once a backend has served it: names clients make up (404s, refused
+            # calls) would grow the series without bound.
+            served = bool(attempts.upstream) and response.status != 404
+            self._metrics.observe_request(model=record.model if served else "", route=record.route,
+                                          status=response.status, upstream=attempts.upstream, seconds=elapsed)
             self._access_log.write(record)
             return response
 
@@ -102,12 +112,15 @@ class Edge:
         if match is None:
             raise errors.NotFound(f"No such endpoint: {request.method} {request.path}")
         name, url_version, url_label = match["name"], match["version"], match["label"]
+        record.model = name
+        principal = self._guard.identify(snapshot.authenticator, request, name, _METHODS[(match["tail"] or "")[1:].lower()])
+        record.principal = principal.name
         version = None if url_version is None else int(url_version)
         decision = snapshot.routes.route(name, version, url_label, self._rng)
-        record.model = name
         if decision is None:
             raise errors.NotFound(f"Servable not found for request: Latest({name})")
         record.route, record.pool = decision.route, decision.pool
+        limit_headers = self._guard.limit(principal, name, decision.route)
         record.version, record.label = decision.version, decision.label
         path = _upstream_path(request, match, decision)
         headers = [(key, value) for key, value in request.headers.items() if key not in _NOT_FORWARDED]
@@ -124,6 +137,7 @@ class Edge:
                 content_type = value.decode("latin-1")
             elif lowered not in _NOT_RETURNED:
                 returned.append((key.decode("latin-1"), value.decode("latin-1")))
+        returned.extend(limit_headers)
         return HttpResponse(status=upstream.status, body=upstream.body, content_type=content_type, headers=returned)
 
 

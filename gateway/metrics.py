@@ -42,6 +42,12 @@ class GatewayMetrics:
                                 ["pool"], registry=reg)
         self._retries_refused = Counter("tfgate_gateway_retries_over_budget", "Retries the pool's retry budget "
                                         "refused.", ["pool"], registry=reg)
+        self._auth_failures = Counter("tfgate_gateway_auth_failures", "Requests refused before routing: 401 (no or "
+                                      "bad credentials) or 403 (not granted).", ["code"], registry=reg)
+        self._rate_limit = LoopCounter("tfgate_gateway_rate_limit_decisions", "Rate-limit decisions by principal "
+                                       "(a key or certificate rule's name, \"jwt\" or \"anonymous\"), route and "
+                                       "result (allowed or limited).", ["principal", "route", "result"])
+        reg.register(LoopMetrics(self._rate_limit))
         self._reloads = Counter("tfgate_gateway_config_reloads", "Config reloads, by result.", ["result"],
                                 registry=reg)
         self._config_ok = Gauge("tfgate_gateway_config_last_reload_successful", "Whether the last reload applied "
@@ -86,6 +92,12 @@ class GatewayMetrics:
 
     def ejected(self, *, pool: str, upstream: str) -> None:
         self._child(self._ejections, pool, upstream).inc()
+
+    def auth_failed(self, *, status: int) -> None:
+        self._child(self._auth_failures, str(status)).inc()
+
+    def rate_limited(self, *, principal: str, route: str, allowed: bool) -> None:
+        self._rate_limit.inc((principal, route, "allowed" if allowed else "limited"))
 
     def retried(self, pool: str) -> None:
         self._child(self._retries, pool).inc()

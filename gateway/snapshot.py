@@ -10,6 +10,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.routes import RouteTable
 from gateway.upstream import PoolRuntime
@@ -22,3 +23,4 @@ class Snapshot:
     routes: RouteTable
     pools: Mapping[str, PoolRuntime]
     tls: ssl.SSLContext
+    authenticator: Authenticator  # built with the config: a reload that revokes a key applies to the next request

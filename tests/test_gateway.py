@@ -9,75 +9,26 @@ import io
 import json
 import shutil
 import signal
-import subprocess
 import ssl
+import subprocess
 import sys
 import time
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
 
-from bench.backend_process import REPO, BackendProcess, free_port
+from bench.backend_process import REPO, free_port
 from bench.delay_proxy import DelayProxy
 from gateway.app import Gateway, StartupError
-from gateway.certs import CertPaths, write_dev_certs
-from tests.conftest import write_model_config
+from gateway.certs import CertPaths
+from tests.gateway_support import ADMIN, MODEL, config_document
 
-MODEL = "half_plus_two"
 V1_ANSWER, V2_ANSWER = [3.0], [4.0]  # predict of [2.0]: v1 is x/2 + 2, v2 x/2 + 3
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
-    return write_dev_certs(tmp_path_factory.mktemp("certs"), hosts=["localhost", "127.0.0.1"])
-
-
-@pytest.fixture(scope="module")
-def backends(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[BackendProcess]]:
-    """Two real backends serving half_plus_two v1 and v2 (labels stable = 1, canary = 2)."""
-    work = tmp_path_factory.mktemp("backends")
-    config = write_model_config(work / "models.config", [
-        f"name: '{MODEL}' base_path: '{demo_models / MODEL}' model_platform: 'tensorflow' "
-        "model_version_policy { all {} } version_labels { key: 'stable' value: 1 } "
-        "version_labels { key: 'canary' value: 2 }"])
-    started = [BackendProcess([f"--model_config_file={config}"], work / f"backend-{i}.log").start() for i in range(2)]
-    try:
-        yield [backend.wait_ready() for backend in started]
-    finally:
-        for backend in started:
-            backend.stop()
-
-
-@pytest.fixture
-async def proxies(backends: list[BackendProcess]) -> AsyncIterator[list[DelayProxy]]:
-    """One delay proxy per backend: the gateway sees them as its backends."""
-    started = [await DelayProxy("127.0.0.1", backend.rest_port).start() for backend in backends]
-    yield started
-    for proxy in started:
-        await proxy.close()
-
-
-def config_document(certs: CertPaths, proxies: list[DelayProxy], **overrides: Any) -> dict[str, Any]:
-    pool = {"balancer": "round_robin",
-            "health_check": {"interval_s": 0.2, "timeout_s": 0.5, "unhealthy_threshold": 1, "healthy_threshold": 1},
-            "outlier": {"consecutive_failures": 3, "ejection_s": 30, "max_ejected_percent": 50},
-            "retries": {"attempts": 2, "budget_percent": 100},
-            "backends": [{"rest": proxy.address} for proxy in proxies]}
-    pool.update(overrides.pop("pool", {}))
-    document: dict[str, Any] = {
-        "listen": {"https": "127.0.0.1:0", "admin": "127.0.0.1:0"},
-        "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key), "client_ca": str(certs.ca_cert)},
-        "limits": {"max_body_bytes": 1 << 20, "header_timeout_s": 1, "request_timeout_s": 5},
-        "pools": {"cpu": pool},
-        "routes": [{"model": MODEL, "pool": "cpu"}],
-        "expose_upstream_header": True,
-    }
-    document.update(overrides)
-    return document
 
 
 class Running:
@@ -171,7 +122,7 @@ async def test_round_robin_is_even(start_gateway: Any, certs: CertPaths, proxies
 async def test_least_latency_avoids_a_slow_backend_and_returns_when_it_heals(
         start_gateway: Any, certs: CertPaths, proxies: list[DelayProxy]) -> None:
     gw = await start_gateway(config_document(certs, proxies, pool={"balancer": "least_latency"}))
-    slow, fast = proxies
+    slow = proxies[0]
     slow.delay_s = 0.05
 
     async def shares(seconds: float) -> collections.Counter[str]:
@@ -207,13 +158,13 @@ async def test_a_killed_backend_costs_no_client_error(start_gateway: Any, certs:
     await dead.kill()
     answers = [await gw.predict() for _ in range(30)]
     assert {(status, upstream) for status, _, upstream in answers} == {(200, alive.address)}
-    async with gw.session.get(gw.admin + "/admin/backends") as response:
+    async with gw.session.get(gw.admin + "/admin/backends", headers=ADMIN) as response:
         states = {b["rest"]: b["state"] for b in (await response.json())["pools"]["cpu"]}
     assert states[dead.address] in ("unhealthy", "ejected") and states[alive.address] == "healthy"
     await dead.revive()
     for _ in range(50):
         await asyncio.sleep(0.1)
-        async with gw.session.get(gw.admin + "/admin/backends") as response:
+        async with gw.session.get(gw.admin + "/admin/backends", headers=ADMIN) as response:
             if {b["state"] for b in (await response.json())["pools"]["cpu"]} == {"healthy"}:
                 break
     else:
@@ -251,14 +202,14 @@ async def test_reload_under_load_loses_no_request(start_gateway: Any, certs: Cer
         document = config_document(certs, proxies[: 1 + generation % 2])
         gw.write(document)
         if generation % 2:
-            async with gw.session.post(gw.admin + "/admin/reload") as response:
+            async with gw.session.post(gw.admin + "/admin/reload", headers=ADMIN) as response:
                 assert response.status == 200, await response.text()
         await asyncio.sleep(0.4)
     stop.set()
     await asyncio.gather(*clients)
     assert set(statuses) == {200} and statuses[200] > 50, statuses
     assert gw.gateway.snapshot.generation >= 4
-    async with gw.session.get(gw.admin + "/admin/backends") as response:
+    async with gw.session.get(gw.admin + "/admin/backends", headers=ADMIN) as response:
         kept = next(b for b in (await response.json())["pools"]["cpu"] if b["rest"] == proxies[0].address)
     assert kept["requests"] >= statuses[200] / 2  # in every generation, and its counters never started over
 
@@ -269,7 +220,7 @@ async def test_a_broken_config_is_rejected_and_serving_goes_on(start_gateway: An
     good = gw.path.read_text()
     for broken in ("pools: [", yaml.safe_dump(config_document(certs, proxies, pool={"balancer": "fastest"}))):
         gw.path.write_text(broken)
-        async with gw.session.post(gw.admin + "/admin/reload") as response:
+        async with gw.session.post(gw.admin + "/admin/reload", headers=ADMIN) as response:
             assert response.status == 400
             message = (await response.json())["error"]
             assert "still serving generation 1" in message
@@ -278,7 +229,7 @@ async def test_a_broken_config_is_rejected_and_serving_goes_on(start_gateway: An
     gw.path.write_text(good)
     async with gw.session.get(gw.admin + "/metrics") as response:
         assert 'tfgate_gateway_config_reloads_total{result="failure"} 2.0' in await response.text()
-    async with gw.session.get(gw.admin + "/admin/config") as response:
+    async with gw.session.get(gw.admin + "/admin/config", headers=ADMIN) as response:
         document = await response.json()
         assert document["generation"] == 1 and document["config"]["pools"]["cpu"]["balancer"] == "round_robin"
 
@@ -290,7 +241,7 @@ async def test_admin_endpoints(start_gateway: Any, certs: CertPaths, proxies: li
         assert response.status == 200
     async with gw.session.get(gw.admin + "/readyz") as response:
         assert response.status == 200
-    async with gw.session.get(gw.admin + "/admin/backends") as response:
+    async with gw.session.get(gw.admin + "/admin/backends", headers=ADMIN) as response:
         backends = (await response.json())["pools"]["cpu"]
     assert {b["rest"] for b in backends} == {p.address for p in proxies}
     assert set(backends[0]) >= {"rest", "grpc", "state", "ewma_ms", "in_flight", "requests", "failures"}
@@ -301,7 +252,8 @@ async def test_admin_endpoints(start_gateway: Any, certs: CertPaths, proxies: li
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (.ci/run installs it)")
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    result = await asyncio.to_thread(subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True,
+                                     text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -399,7 +351,7 @@ async def test_the_gateway_command_reloads_on_sighup_and_drains_on_sigterm(
 
 async def wait_for_generation(session: aiohttp.ClientSession, admin_port: int, generation: int) -> None:
     for _ in range(50):
-        async with session.get(f"http://127.0.0.1:{admin_port}/admin/config") as response:
+        async with session.get(f"http://127.0.0.1:{admin_port}/admin/config", headers=ADMIN) as response:
             if (await response.json())["generation"] == generation:
                 return
         await asyncio.sleep(0.1)

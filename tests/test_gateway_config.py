@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from gateway.config import (
+    ALL_METHODS,
     Backend,
     ConfigError,
     GatewayConfig,
@@ -21,6 +22,7 @@ from gateway.config import (
     Listen,
     Outlier,
     Pool,
+    Rate,
     Retries,
     Route,
     SplitTarget,
@@ -343,7 +345,7 @@ def test_listen_ports_may_be_zero_but_not_too_large() -> None:
     ("tls: {cert: c, key: k}\nroutes: [{model: '*', pool: cpu}]\npools: {8601: {backends: [{rest: 'h:1'}]}}\n",
      "pools: names here are non-empty strings, not 8601"),
     ("tls: {cert: c, key: k}\n1: one\n" + POOLS_AND_ROUTES,
-     "1: unknown key; known keys: listen, tls, limits, pools, routes, expose_upstream_header"),
+     "1: unknown key; known keys: listen, tls, limits, pools, routes, auth, rate_limits, expose_upstream_header"),
     ("tls: {cert: c, key: k, cert: d}\n", "invalid YAML at line 1, column 24: duplicate key 'cert'"),
     ("tls: {cert: c}\n\x00\n", "invalid YAML at line 2, column 1: special characters are not allowed ('\\x00')"),
     ("tls: \t{cert: c}\x00\n", "invalid YAML at line 1, column 16: special characters are not allowed ('\\x00')"),
@@ -429,3 +431,62 @@ def test_redacted_ipv6_and_defaults() -> None:
     assert data["tls"]["client_ca"] is None
     del data["source"]
     assert parse(data) == config
+
+
+# ---- auth and rate limits ------------------------------------------------------------------------------------------
+
+DIGEST = "a" * 64
+
+
+def parse(doc: dict[str, Any]) -> GatewayConfig:
+    return parse_config(yaml.safe_dump(doc), base_dir=BASE_DIR)
+
+
+def test_auth_is_required_by_default_with_no_credentials() -> None:
+    config = parse(BASE)
+    assert config.auth.required and not config.auth.api_keys and config.auth.jwt is None
+    assert config.rate_limits.default is None and dict(config.rate_limits.models) == {}
+
+
+def test_auth_and_rate_limits_parse_into_typed_values() -> None:
+    config = parse(doc_with(
+        (("tls", "client_ca"), "ca.pem"), (("tls", "client_cert"), "optional"),
+        (("auth",), {
+            "api_keys": [{"name": "demo", "sha256": DIGEST, "models": ["half_*"], "methods": ["predict"],
+                          "rate": {"per_second": 100, "burst": 200},
+                          "model_rates": {"half_plus_two": {"per_second": 5, "burst": 5}}}],
+            "jwt": {"issuer": "https://issuer.example", "audience": "tfgate", "jwks_file": "jwks.json"},
+            "client_certs": [{"subject": "CN=batch-job", "models": ["half_plus_two"]}],
+            "admin_keys": [{"name": "ops", "sha256": DIGEST}]}),
+        (("rate_limits",), {"default": {"per_second": 50, "burst": 100},
+                            "models": {"half_plus_two": {"per_second": 1000, "burst": 2000}}})))
+    key = config.auth.api_keys[0]
+    assert (key.name, key.models, key.methods, key.rate) == ("demo", ("half_*",), ("predict",), Rate(100, 200))
+    assert dict(key.model_rates) == {"half_plus_two": Rate(5, 5)}
+    assert config.auth.jwt is not None and config.auth.jwt.jwks_file == BASE_DIR / "jwks.json"
+    assert config.auth.jwt.algorithms == ("RS256", "ES256")
+    assert config.auth.client_certs[0].methods == ALL_METHODS
+    assert config.rate_limits.default == Rate(50, 100)
+    assert redacted(config)["auth"]["api_keys"][0]["sha256"] == "<redacted>"
+    assert redacted(config)["auth"]["admin_keys"][0]["sha256"] == "<redacted>"
+
+
+@pytest.mark.parametrize(("edits", "message"), [
+    ([(("auth", "api_keys"), [{"name": "k", "sha256": "not-hex"}])], "auth.api_keys[0].sha256: 'not-hex' does not"),
+    ([(("auth", "api_keys"), [{"name": "k", "sha256": DIGEST}, {"name": "k", "sha256": DIGEST}])],
+     "auth.api_keys[1].name: the name 'k' is used twice"),
+    ([(("auth", "api_keys"), [{"name": "k", "sha256": DIGEST, "methods": ["delete"]}])],
+     "auth.api_keys[0].methods[0]: 'delete' is not one of"),
+    ([(("auth", "jwt"), {"issuer": "i", "audience": "a", "jwks_file": "j", "algorithms": ["none"]})],
+     "auth.jwt.algorithms[0]: 'none' is not one of"),
+    ([(("auth", "jwt"), {"issuer": "i", "audience": "a", "jwks_file": "j", "algorithms": ["HS256"]})],
+     "auth.jwt.algorithms[0]: 'HS256' is not one of"),
+    ([(("auth", "client_certs"), [{"subject": "CN=x"}])],
+     "auth.client_certs: client certificate rules need tls.client_cert optional or required"),
+    ([(("rate_limits", "default"), {"per_second": 0, "burst": 1})], "rate_limits.default.per_second: 0 is less"),
+    ([(("rate_limits", "models"), {"m": {"per_second": 1}})], "rate_limits.models.m.burst: required key is missing"),
+])
+def test_bad_auth_and_rate_limits(edits: list[tuple[tuple[str | int, ...], Any]], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(doc_with(*edits))
+    assert str(caught.value).startswith(message), str(caught.value)

@@ -567,3 +567,13 @@ async def test_curl_keep_alive_expect_100_continue_and_http2_upgrade() -> None:
     assert [(document["path"], document["body"]) for document in documents] == [("/a", body), ("/b", body)]
     assert "Upgrade: h2c" in upgrade.stderr and orjson.loads(upgrade.stdout)["body"] == "up"
 
+
+
+async def test_too_many_header_fields_get_431() -> None:
+    async with serving() as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        fields = "".join(f"x-field-{index}: {index}\r\n" for index in range(101))
+        writer.write(f"GET / HTTP/1.1\r\nHost: x\r\n{fields}\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 431 ")

@@ -1,0 +1,69 @@
+"""Who is calling, may they call this, and at what rate: the checks every request passes before it is routed.
+
+Order, so that an unauthenticated client learns nothing: authenticate (401) → authorize the model and method (403)
+→ (the edge routes: 404 for a model with no route) → rate limit (429). Rate-limit headers (RateLimit-Limit/Remaining/Reset, and Retry-After on a refusal) come back on
+every answer a bucket applied to, so clients can pace themselves before they are refused.
+
+The principal's client certificate subject comes from the TLS connection (already verified against `tls.client_ca`
+by the handshake); parsing it is cached per certificate, since one connection carries many requests.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+from cryptography import x509
+
+from backend.http_server import HttpRequest
+from gateway import errors
+from gateway.auth import Authenticator, AuthError, Principal
+from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import Decision, RateLimiter
+
+
+class Guard:
+    def __init__(self, limiter: RateLimiter, metrics: GatewayMetrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._limiter = limiter
+        self._metrics = metrics
+        self._clock = clock
+
+    def identify(self, authenticator: Authenticator, request: HttpRequest, model: str, method: str) -> Principal:
+        """The caller, granted `method` on `model`; a 401 or 403 GatewayError otherwise."""
+        subject = None if request.peer_certificate is None else certificate_subject(request.peer_certificate)
+        try:
+            principal = authenticator.authenticate(request.headers, subject)
+            authenticator.authorize(principal, model, method)
+        except AuthError as error:
+            self._metrics.auth_failed(status=error.status)
+            challenge = (("www-authenticate", error.challenge),) if error.challenge else ()
+            kind = errors.Unauthorized if error.status == 401 else errors.Forbidden
+            raise kind(error.message, challenge) from None
+        return principal
+
+    def limit(self, principal: Principal, model: str, route: str) -> tuple[tuple[str, str], ...]:
+        """Take this request from the caller's buckets: the rate-limit headers for the answer, or a 429 GatewayError.
+        `route` (the route's model pattern) labels the metrics: bounded by the config, unlike model names."""
+        decision = self._limiter.check(f"{principal.kind}:{principal.name}", principal.rate, principal.model_rates,
+                                       model, self._clock())
+        self._metrics.rate_limited(principal=principal.metrics_name, route=route, allowed=decision.allowed)
+        headers = rate_limit_headers(decision)
+        if not decision.allowed:
+            raise errors.TooManyRequests(f"Rate limit exceeded ({decision.scope}); retry in {decision.retry_after_s} s",
+                                         (("retry-after", str(decision.retry_after_s)), *headers))
+        return headers
+
+
+def rate_limit_headers(decision: Decision) -> tuple[tuple[str, str], ...]:
+    if not decision.scope:
+        return ()
+    return (("ratelimit-limit", str(decision.limit)), ("ratelimit-remaining", str(decision.remaining)),
+            ("ratelimit-reset", str(decision.reset_s)))
+
+
+@functools.lru_cache(maxsize=1024)
+def certificate_subject(der: bytes) -> str:
+    """The RFC 4514 subject of a DER certificate, as `auth.client_certs[].subject` is written: "CN=batch-job"."""
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
