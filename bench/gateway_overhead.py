@@ -9,6 +9,9 @@ with {"instances": [1.0, 2.0, 5.0]}. Three ways to reach it:
   (c) nginx    HTTPS to nginx with the same certificates, TLS 1.2+, one worker process (the gateway is one),
                `keepalive 64` to the backend over HTTP/1.1, no access log; skipped, with the reason, if nginx is
                not installed
+  (d) gateway, auth + rate limits   (b) with authentication required: every request carries an API key and
+               passes three token buckets (the key's own, the default, the model's cap), all set high enough
+               never to refuse, so the row shows what the checks cost
 each driven by two closed loops from bench.load, one keep-alive connection per request in flight, each --seconds
 after --warmup: 1 in flight (latency) and 32 in flight (throughput). Printed with the issue's two targets, from
 this run only: gateway requests/s at 32 over nginx's (>= 0.9), and the p50 the gateway adds at 1 in flight over
@@ -20,6 +23,7 @@ gateway's or nginx's (with its worker), averaged over the loop and its warm-up: 
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -44,12 +48,15 @@ from bench.proxies import (
 from bench.report import Column, environment, format_table, latency_column, number, print_errors, ratio, write_json
 from bench.targets import rest_predict
 from gateway.certs import CertPaths, write_dev_certs
+from gateway.keys import digest
 
 MODEL, VERSION, INSTANCES = "half_plus_two", 1, [1.0, 2.0, 5.0]
 CONCURRENCIES = (1, 32)
 LATENCY_CONCURRENCY, THROUGHPUT_CONCURRENCY = CONCURRENCIES
 THROUGHPUT_TARGET, ADDED_P50_TARGET_MS = 0.9, 0.3
-CONTENDERS = {"direct": "(a) direct, http", "gateway": "(b) tfgate gateway, https", "nginx": "(c) nginx, https"}
+CONTENDERS = {"direct": "(a) direct, http", "gateway": "(b) tfgate gateway, https", "nginx": "(c) nginx, https",
+              "gateway_auth": "(d) tfgate gateway, https, auth + rate limits"}
+_UNLIMITED = {"per_second": 1e9, "burst": 1e9}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gateway-overhead.json"
 
 
@@ -93,6 +100,14 @@ def run(args: argparse.Namespace) -> int:
         with GatewayProcess(config, work, access_log) as gateway:
             results += _measure("gateway", gateway.wait_ready(), certs, backend, args)
         document["gateway_access_log_lines"] = sum(1 for _ in access_log.open("rb"))
+        key = secrets.token_urlsafe(24)
+        config["auth"] = {"required": True, "admin_keys": config["auth"]["admin_keys"],
+                          "api_keys": [{"name": "bench", "sha256": digest(key), "models": [MODEL],
+                                        "methods": ["predict"], "rate": _UNLIMITED}]}
+        config["rate_limits"] = {"default": _UNLIMITED, "models": {MODEL: _UNLIMITED}}
+        with GatewayProcess(config, work, work / "access-auth.log") as gateway:
+            results += _measure("gateway_auth", gateway.wait_ready(), certs, backend, args,
+                                (("authorization", f"Bearer {key}"),))
         if nginx is None:
             skipped["nginx"] = NGINX_MISSING if args.nginx is None else f"{args.nginx} is not an executable"
         else:
@@ -109,10 +124,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(contender: str, server: ServerProcess, certs: CertPaths | None, backend: ServerProcess,
-             args: argparse.Namespace) -> list[dict[str, Any]]:
+             args: argparse.Namespace, headers: tuple[tuple[str, str], ...] = ()) -> list[dict[str, Any]]:
     """Both loops against `server`; `certs` for https. The proxy's CPU is the server's, unless that is the backend."""
     target = rest_predict(server.url, MODEL, VERSION, np.array(INSTANCES, np.float32),
-                          cacert=None if certs is None else certs.ca_cert)
+                          cacert=None if certs is None else certs.ca_cert, headers=headers)
     watched = {"backend_cpu": backend} if server is backend else {"backend_cpu": backend, "proxy_cpu": server}
     results = []
     for concurrency in CONCURRENCIES:
@@ -144,6 +159,8 @@ def _targets(results: list[dict[str, Any]]) -> dict[str, Any]:
         return None if proxied is None or direct is None else proxied - direct
 
     throughput = ratio(requests_per_s("gateway"), requests_per_s("nginx"))
+    with_auth, without_auth = p50_ms("gateway_auth"), p50_ms("gateway")
+    auth_added = None if with_auth is None or without_auth is None else with_auth - without_auth
     throughput_met = None if throughput is None else throughput >= THROUGHPUT_TARGET
     gateway_added = added("gateway")
     return {
@@ -155,6 +172,8 @@ def _targets(results: list[dict[str, Any]]) -> dict[str, Any]:
                       "target_ms": ADDED_P50_TARGET_MS,
                       "met": None if gateway_added is None else gateway_added <= ADDED_P50_TARGET_MS,
                       "nginx_p50_ms": p50_ms("nginx"), "nginx_added_ms": added("nginx")},
+        "auth": {"throughput_ratio": ratio(requests_per_s("gateway_auth"), requests_per_s("gateway")),
+                 "added_p50_ms": auth_added},
     }
 
 
@@ -191,5 +210,9 @@ def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipp
         print(f"nginx added p50 at {added['concurrency']} connection = nginx p50 - direct p50 = "
               f"{number(added['nginx_p50_ms'], 3)} - {number(added['direct_p50_ms'], 3)} = "
               f"{number(added['nginx_added_ms'], 3)} ms (for comparison)")
+    auth = targets["auth"]
+    print(f"auth + rate limits on / off: throughput at {throughput['concurrency']} = "
+          f"{number(auth['throughput_ratio'], 3)}, p50 added at {added['concurrency']} connection = "
+          f"{number(auth['added_p50_ms'], 3)} ms")
     print_errors((result["label"], result) for result in results)
     print(f"results: {args.out}", file=sys.stderr)

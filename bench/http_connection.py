@@ -10,6 +10,8 @@ every connect, so a report shows whether keep-alive held.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncio
 import ssl
 
@@ -19,8 +21,8 @@ _HEAD_END = b"\r\n\r\n"
 
 
 def encode_request(method: str, host: str, port: int, path: str, body: bytes = b"",
-                   content_type: str = "application/json") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
+                   content_type: str = "application/json", headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", *(f"{name}: {value}" for name, value in headers)]
     if body or method == "POST":
         lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

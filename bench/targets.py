@@ -53,10 +53,11 @@ class RestTarget:
     body: bytes = b""  # POSTed when given; otherwise a GET
     rows: int = 0
     cacert: Path | None = None  # for https: the CA that signed the server's certificate
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every request (credentials: never in describe())
 
     def describe(self) -> dict[str, Any]:
         return {"protocol": "REST", "url": self.url, "method": self._method, "path": self.path,
-                "body_bytes": len(self.body), "rows": self.rows}
+                "body_bytes": len(self.body), "rows": self.rows, "header_names": [name for name, _ in self.headers]}
 
     @property
     def _method(self) -> str:
@@ -66,7 +67,7 @@ class RestTarget:
     async def connect(self, concurrency: int) -> AsyncIterator[Session]:
         host, port = loopback_address(self.url, REST_SCHEMES)
         tls = ssl.create_default_context(cafile=self.cacert) if self.url.startswith("https:") else None
-        request = encode_request(self._method, host, port, self.path, self.body)
+        request = encode_request(self._method, host, port, self.path, self.body, headers=self.headers)
         connections = [HttpConnection(host, port, request, tls) for _ in range(concurrency)]
         try:
             await asyncio.gather(*(connection.connect() for connection in connections))
@@ -111,11 +112,11 @@ def predict_path(model: str, version: int | None) -> str:
 
 
 def rest_predict(url: str, model: str, version: int | None, x: np.ndarray, signature: str = "",
-                 cacert: Path | None = None) -> RestTarget:
+                 cacert: Path | None = None, headers: tuple[tuple[str, str], ...] = ()) -> RestTarget:
     document: dict[str, Any] = {"instances": x.tolist()}
     if signature:
         document["signature_name"] = signature
-    return RestTarget(url, predict_path(model, version), orjson.dumps(document), len(x), cacert)
+    return RestTarget(url, predict_path(model, version), orjson.dumps(document), len(x), cacert, headers)
 
 
 def grpc_predict(url: str, model: str, version: int | None, input_name: str, x: np.ndarray, signature: str = "",
