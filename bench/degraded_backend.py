@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +35,19 @@ from backend.demo_models import ensure_demo_models
 from bench.backend_process import ServerProcess, demo_backend, free_port
 from bench.load import Load, run_load
 from bench.options import add_loop_options, positive_float
+from bench.plot import pyplot_for
 from bench.proxies import NGINX_MISSING, GatewayProcess, NginxProcess, find_nginx, gateway_config, nginx_version
-from bench.report import Column, environment, format_table, latency_column, number, print_errors, ratio, write_json
+from bench.report import (
+    Column,
+    environment,
+    latency_column,
+    number,
+    print_contenders,
+    print_errors,
+    ratio,
+    verdict,
+    write_json,
+)
 from bench.targets import rest_predict
 from gateway.certs import CertPaths, write_dev_certs
 
@@ -173,13 +185,10 @@ def _target(results: list[dict[str, Any]]) -> dict[str, Any]:
 def _plot(path: Path, results: list[dict[str, Any]], delay_ms: float, rate: float | None) -> bool:
     """Grouped bars: one group per open-loop contender, one bar per percentile, latency on a log scale."""
     measured = [result for result in results if result["contender"] != "capacity" and result["count"]]
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"no plot: matplotlib is not installed (pip install -e '.[bench]'); {path} not written", file=sys.stderr)
+    pyplot = pyplot_for(path)
+    if pyplot is None:
         return False
-    matplotlib.use("Agg")  # files only, never a window
-    from matplotlib import pyplot, ticker
+    from matplotlib import ticker
 
     figure, axes = pyplot.subplots(figsize=(10, 5.5), dpi=100)
     width = 0.8 / len(PERCENTILES)
@@ -213,12 +222,9 @@ def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipp
           f"(delay proxy); {args.seconds:g} s per row after {args.warmup:g} s warm-up; latency in ms. Capacity: "
           f"closed loop, {CAPACITY_CONCURRENCY} in flight, {capacity['requests_per_s']:.1f} requests/s; "
           f"(a)-(c): open loop at {RATE_FRACTION:.0%} of it ({number(rate, 0)}/s), at most {MAX_IN_FLIGHT} in flight")
-    print(format_table([((result["label"],), result) for result in results], headers=("contender",),
-                       columns=COLUMNS))
-    for contender, reason in skipped.items():
-        print(f"{CONTENDERS[contender]}: skipped: {reason}")
-    verdict = {True: "met", False: "NOT met", None: "unknown"}[target["met"]]
-    print(f"least_latency p99 / nginx p99 = {number(target['ratio'], 3)} (target <= {target['bound']:g}): {verdict}")
+    print_contenders(results, skipped, COLUMNS, CONTENDERS)
+    print(f"least_latency p99 / nginx p99 = {number(target['ratio'], 3)} (target <= {target['bound']:g}): "
+          f"{verdict(target['met'])}")
     print(f"round_robin p99 / nginx p99 = {number(target['round_robin_ratio'], 3)} (for comparison)")
     print_errors((result["label"], result) for result in results)
     print(f"results: {args.out}", file=sys.stderr)

@@ -45,7 +45,17 @@ from bench.proxies import (
     gateway_config,
     nginx_version,
 )
-from bench.report import Column, environment, format_table, latency_column, number, print_errors, ratio, write_json
+from bench.report import (
+    Column,
+    environment,
+    latency_column,
+    number,
+    print_contenders,
+    print_errors,
+    ratio,
+    verdict,
+    write_json,
+)
 from bench.targets import rest_predict
 from gateway.certs import CertPaths, write_dev_certs
 from gateway.keys import digest
@@ -185,25 +195,18 @@ def _plot(path: Path, results: list[dict[str, Any]]) -> None:
                  "requests_per_s", "requests/s", lambda result: f"x {result['concurrency']}")
 
 
-def _verdict(met: bool | None) -> str:
-    return {True: "met", False: "NOT met", None: "unknown"}[met]
-
-
 def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipped: dict[str, str],
                   targets: dict[str, Any]) -> None:
     print(f"\ngateway-overhead: {MODEL} v{VERSION} predict {{\"instances\": {INSTANCES}}}, {args.seconds:g} s per "
           f"row after {args.warmup:g} s warm-up; closed loops, one keep-alive connection per request in flight; "
           f"latency in ms; CPU in shares of one core")
-    print(format_table([((result["label"],), result) for result in results], headers=("contender",),
-                       columns=COLUMNS))
-    for contender, reason in skipped.items():
-        print(f"{CONTENDERS[contender]}: skipped: {reason}")
+    print_contenders(results, skipped, COLUMNS, CONTENDERS)
     throughput, added = targets["throughput"], targets["added_p50"]
     print(f"gateway throughput / nginx throughput at {throughput['concurrency']} = {number(throughput['ratio'], 3)} "
-          f"(target >= {throughput['target']:g}): {_verdict(throughput['met'])}")
+          f"(target >= {throughput['target']:g}): {verdict(throughput['met'])}")
     print(f"gateway added p50 at {added['concurrency']} connection = gateway p50 - direct p50 = "
           f"{number(added['gateway_p50_ms'], 3)} - {number(added['direct_p50_ms'], 3)} = "
-          f"{number(added['gateway_added_ms'], 3)} ms (target <= {added['target_ms']:g} ms): {_verdict(added['met'])}")
+          f"{number(added['gateway_added_ms'], 3)} ms (target <= {added['target_ms']:g} ms): {verdict(added['met'])}")
     if added["nginx_added_ms"] is None:
         print(f"nginx added p50 at {added['concurrency']} connection: - (not measured)")
     else:

@@ -8,11 +8,26 @@ is optional (the `bench` extra): without it the benchmark still runs and writes 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from types import ModuleType
+from typing import Any, Literal
 
 PLOTTED: tuple[tuple[str, str, Literal["-", "--", ":"]], ...] = (("p50", "o", "-"), ("p99", "^", "--"),
                                                                   ("p99.9", "s", ":"))
+
+
+def pyplot_for(path: Path) -> ModuleType | None:
+    """matplotlib's pyplot, drawing to files only; None (with a note on stderr) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no plot: matplotlib is not installed (pip install -e '.[bench]'); {path} not written", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")  # files only, never a window
+    from matplotlib import pyplot
+
+    return pyplot
 
 
 def plot_latency(path: Path, title: str, series: Mapping[str, Sequence[Mapping[str, Any]]], x_key: str,
@@ -20,13 +35,10 @@ def plot_latency(path: Path, title: str, series: Mapping[str, Sequence[Mapping[s
                  ceiling: tuple[str, float] | None = None, log_x: bool = False) -> bool:
     """Write the PNG for result summaries grouped by series, each point's p50 annotated with `point_label`;
     False (with a note on stderr) without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"no plot: matplotlib is not installed (pip install -e '.[bench]'); {path} not written", file=sys.stderr)
+    pyplot = pyplot_for(path)
+    if pyplot is None:
         return False
-    matplotlib.use("Agg")  # files only, never a window
-    from matplotlib import pyplot, ticker
+    from matplotlib import ticker
     from matplotlib.lines import Line2D
 
     figure, axes = pyplot.subplots(figsize=(12, 6), dpi=100)

@@ -6,9 +6,10 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +82,16 @@ def environment() -> dict[str, Any]:
 def write_json(path: Path, document: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def print_contenders(results: Sequence[Mapping[str, Any]], skipped: Mapping[str, str], columns: Sequence[Column],
+                     names: Mapping[str, str]) -> None:
+    """The table of a scenario's contenders, one row per result, then each skipped contender with its reason."""
+    print(format_table([((result["label"],), result) for result in results], headers=("contender",), columns=columns))
+    for contender, reason in skipped.items():
+        print(f"{names[contender]}: skipped: {reason}")
+
+
+def verdict(met: bool | None) -> str:
+    """How a target line ends: met, NOT met, or unknown when a figure it needs was not measured."""
+    return {True: "met", False: "NOT met", None: "unknown"}[met]

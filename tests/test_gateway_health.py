@@ -3,29 +3,10 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-
 import pytest
 
+from gateway.config import HealthCheck, Outlier
 from gateway.health import BackendHealth, State, candidates, may_eject, next_check_delay
-
-
-@dataclass(frozen=True, slots=True)
-class HealthCheck:
-    interval_s: float = 2
-    timeout_s: float = 1
-    unhealthy_threshold: int = 2
-    healthy_threshold: int = 1
-    path: str = "/v2/health/ready"
-    jitter_percent: float = 10
-
-
-@dataclass(frozen=True, slots=True)
-class Outlier:
-    consecutive_failures: int = 5
-    ejection_s: float = 30
-    max_ejection_s: float = 300
-    max_ejected_percent: float = 50
 
 
 def test_starts_healthy() -> None:

@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import pytest
 
+from gateway.config import Rate
+from gateway.config import RateLimits as Limits
 from gateway.ratelimit import Decision, RateLimiter, TokenBucket
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    per_second: float
-    burst: float
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    default: Rate | None = None
-    models: Mapping[str, Rate] = field(default_factory=dict)
 
 
 NO_RATES: Mapping[str, Rate] = types.MappingProxyType({})
