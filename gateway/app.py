@@ -140,6 +140,10 @@ class Gateway:
                 if config.listen != current.config.listen:
                     raise ConfigError(f"listen: changed from {_listen(current.config)} to {_listen(config)}; "
                                       "a new listen address needs a restart")
+                if config.tls.client_cert != current.config.tls.client_cert:
+                    # The listener's TLS context keeps the verify mode it started with (OpenSSL does not take it
+                    # from the context a connection switches to), so this change would not apply: refuse it.
+                    raise ConfigError("tls.client_cert: asking clients for certificates (or not) needs a restart")
             except (ConfigError, TlsError, AuthConfigError) as error:
                 self.metrics.reloaded(False)
                 log.error("config reload (%s) rejected, still serving generation %d: %s", reason,

@@ -325,7 +325,7 @@ _SCHEMA = _object({
             "health_check": _object({
                 "interval_s": _DURATION, "timeout_s": _DURATION,
                 "unhealthy_threshold": _THRESHOLD, "healthy_threshold": _THRESHOLD,
-                "path": {"type": "string", "pattern": "^/"}, "jitter_percent": _PERCENT,
+                "path": {"type": "string", "pattern": "^/[^\\s]*$"}, "jitter_percent": _PERCENT,
             }),
             "outlier": _object({
                 "consecutive_failures": _THRESHOLD, "ejection_s": _DURATION, "max_ejection_s": _DURATION,
@@ -472,6 +472,7 @@ def _build(doc: dict[str, Any], source: str, base_dir: Path) -> GatewayConfig:
                           "tls.client_cert")
 
     pools = {name: _pool(name, pool_doc) for name, pool_doc in doc["pools"].items()}
+    _one_pool_per_backend(pools)
     auth = _auth(doc.get("auth", {}), base_dir)
     if auth.client_certs and tls.client_cert == "none":
         raise ConfigError("client certificate rules need tls.client_cert optional or required", "auth.client_certs")
@@ -480,6 +481,17 @@ def _build(doc: dict[str, Any], source: str, base_dir: Path) -> GatewayConfig:
     return GatewayConfig(tls=tls, pools=pools, routes=_routes(doc["routes"], pools), listen=listen,
                          limits=Limits(**doc.get("limits", {})), auth=auth, rate_limits=rate_limits,
                          expose_upstream_header=doc.get("expose_upstream_header", False), source=source)
+
+
+def _one_pool_per_backend(pools: Mapping[str, Pool]) -> None:
+    """A backend's health, latency and connections are its own: two pools cannot share it."""
+    owner: dict[HostPort, str] = {}
+    for name, pool in pools.items():
+        for index, backend in enumerate(pool.backends):
+            if backend.rest in owner:
+                raise ConfigError(f"{backend.rest} is already a backend of pool {owner[backend.rest]!r}",
+                                  f"pools.{name}.backends[{index}].rest")
+            owner[backend.rest] = name
 
 
 def _rate(doc: dict[str, float] | None) -> Rate | None:

@@ -48,7 +48,8 @@ class Guard:
         `route` (the route's model pattern) labels the metrics: bounded by the config, unlike model names."""
         decision = self._limiter.check(f"{principal.kind}:{principal.name}", principal.rate, principal.model_rates,
                                        model, self._clock())
-        self._metrics.rate_limited(principal=principal.metrics_name, route=route, allowed=decision.allowed)
+        if decision.scope:  # some bucket applied
+            self._metrics.rate_limited(principal=principal.metrics_name, route=route, allowed=decision.allowed)
         headers = rate_limit_headers(decision)
         if not decision.allowed:
             raise errors.TooManyRequests(f"Rate limit exceeded ({decision.scope}); retry in {decision.retry_after_s} s",

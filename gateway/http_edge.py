@@ -87,7 +87,7 @@ class Edge:
             try:
                 response = await self._forward(snapshot, request, record, attempts)
             except errors.GatewayError as error:
-                record.error = error.message
+                record.error = attempts.detail or error.message
                 response = HttpResponse(status=error.status, body=orjson.dumps({"error": error.message}),
                                         headers=list(error.headers))
             record.status, record.attempts = response.status, attempts.count
@@ -100,7 +100,7 @@ class Edge:
             response.headers = [*response.headers, *extra]
             # A model name is a label only once a backend has served it: names clients make up (404s, refused
             # calls) would grow the series without bound.
-            served = bool(attempts.upstream) and response.status != 404
+            served = bool(attempts.upstream) and 200 <= response.status < 300
             self._metrics.observe_request(model=record.model if served else "", route=record.route,
                                           status=response.status, upstream=attempts.upstream, seconds=elapsed)
             self._access_log.write(record)
@@ -124,11 +124,11 @@ class Edge:
         record.version, record.label = decision.version, decision.label
         path = _upstream_path(request, match, decision)
         headers = [(key, value) for key, value in request.headers.items() if key not in _NOT_FORWARDED]
-        headers += [("x-request-id", record.request_id), ("x-forwarded-for", request.peer.rsplit(":", 1)[0])]
+        client = request.peer.rsplit(":", 1)[0].strip("[]")
+        headers += [("x-request-id", record.request_id), ("x-forwarded-for", client)]
         deadline = self._clock() + snapshot.config.limits.request_timeout_s
-        forwarded = await self._upstreams.forward(snapshot.pools[decision.pool], request.method, path, headers,
-                                                  request.body, deadline, attempts)
-        upstream = forwarded.response
+        upstream = await self._upstreams.forward(snapshot.pools[decision.pool], request.method, path, headers,
+                                                 request.body, deadline, attempts)
         content_type = "application/json"
         returned = []
         for key, value in upstream.headers:

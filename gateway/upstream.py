@@ -67,14 +67,6 @@ class PoolRuntime:
         return self.config.name
 
 
-@dataclass(frozen=True, slots=True)
-class Forwarded:
-    response: UpstreamResponse
-    backend: BackendRuntime
-    attempts: int
-    upstream_s: float
-
-
 @dataclass(slots=True)
 class Attempts:
     """What forward() did, for the access log, even when it failed."""
@@ -83,6 +75,7 @@ class Attempts:
     upstream: str = ""
     upstream_s: float = 0.0
     tried: list[BackendRuntime] = field(default_factory=list)
+    detail: str = ""  # what went wrong, naming the backend: for the access log, never for the client
 
 
 class Upstreams:
@@ -181,21 +174,16 @@ class Upstreams:
         return response.status == 200
 
     async def forward(self, pool: PoolRuntime, method: str, path: str, headers: Sequence[tuple[str, str]],
-                      body: bytes, deadline: float, attempts: Attempts) -> Forwarded:
-        """Send the request to a backend of `pool`, retrying as the module docstring says."""
+                      body: bytes, deadline: float, attempts: Attempts) -> UpstreamResponse:
+        """Send the request to a backend of `pool`, retrying as the module docstring says. A backend's own 502/503
+        is returned as it is when no retry follows it. Errors of our own say what happened in general terms; the
+        backend and the cause go to `attempts.detail`, for the access log, not to the client."""
         budget, limit = pool.budget, pool.config.retries.attempts
         budget.record_request(self._clock())
-        last_error: errors.GatewayError | None = None
-        while attempts.count < limit:
+        last: UpstreamResponse | errors.GatewayError | None = None
+        backend = self._pick(pool, attempts.tried, self._clock())
+        while backend is not None:
             now = self._clock()
-            backend = self._pick(pool, attempts.tried, now)
-            if backend is None:
-                break
-            if attempts.count and not budget.try_retry(now):
-                self._metrics.retry_refused(pool.name)
-                break
-            if attempts.count:
-                self._metrics.retried(pool.name)
             remaining = deadline - now
             if remaining <= 0:
                 raise errors.GatewayTimeout("Request timed out before a backend answered")
@@ -205,24 +193,32 @@ class Upstreams:
             started = self._clock()
             backend.load.start()
             try:
-                response = await backend.http.request(method, path, [*headers, ("host", backend.name)], body,
-                                                      remaining)
+                last = await backend.http.request(method, path, [*headers, ("host", backend.name)], body, remaining)
             except UpstreamError as error:
                 self._finish(pool, backend, started, ok=False, attempts=attempts)
+                attempts.detail = f"backend {backend.name}: {error}"
                 if error.kind == "timeout":
-                    raise errors.GatewayTimeout(f"Backend {backend.name} did not answer in time") from None
-                last_error = errors.BadGateway(f"Backend {backend.name} failed: {error}")
+                    raise errors.GatewayTimeout("The backend did not answer in time") from None
+                last = errors.BadGateway("The backend failed before it answered")
                 if not error.retryable:
-                    raise last_error from None
-                continue
-            failed = response.status in RETRYABLE_STATUSES
-            self._finish(pool, backend, started, ok=not failed, attempts=attempts)
-            if failed and attempts.count < limit and self._pick(pool, attempts.tried, self._clock()) is not None:
-                continue
-            return Forwarded(response, backend, attempts.count, attempts.upstream_s)
-        if last_error is not None:
-            raise last_error
-        raise errors.Unavailable(f"No healthy backend in pool '{pool.name}'")
+                    raise last from None
+            else:
+                failed = last.status in RETRYABLE_STATUSES
+                self._finish(pool, backend, started, ok=not failed, attempts=attempts)
+                if not failed:
+                    return last
+            backend = self._pick(pool, attempts.tried, self._clock()) if attempts.count < limit else None
+            if backend is not None and not budget.try_retry(self._clock()):
+                self._metrics.retry_refused(pool.name)
+                backend = None
+            if backend is not None:
+                self._metrics.retried(pool.name)
+        if isinstance(last, UpstreamResponse):
+            return last
+        if last is not None:
+            raise last
+        attempts.detail = f"no healthy backend in pool {pool.name}"
+        raise errors.Unavailable("No healthy backend can serve this model now")
 
     def _pick(self, pool: PoolRuntime, tried: Sequence[BackendRuntime], now: float) -> BackendRuntime | None:
         usable, _panic = candidates([(backend, backend.state(now)) for backend in pool.backends],
@@ -239,8 +235,9 @@ class Upstreams:
         attempts.upstream_s += elapsed
         backend.load.finish(elapsed, ok, now)
         self._metrics.observe_attempt(pool=pool.name, upstream=backend.name, seconds=elapsed)
-        states = [other.state(now) for other in pool.backends]
-        if backend.health.passive_result(ok, now, may_eject(states, pool.config.outlier.max_ejected_percent)):
+        room = not ok and may_eject([other.state(now) for other in pool.backends],
+                                    pool.config.outlier.max_ejected_percent)
+        if backend.health.passive_result(ok, now, room):
             log.warning("backend %s (pool %s) ejected after %d consecutive failures", backend.name, pool.name,
                         pool.config.outlier.consecutive_failures)
             self._metrics.ejected(pool=pool.name, upstream=backend.name)

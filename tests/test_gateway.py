@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from bench.backend_process import REPO, free_port
+from backend.http_server import HttpRequest, HttpResponse, HttpServer
 from bench.delay_proxy import DelayProxy
 from gateway.app import Gateway, StartupError
 from gateway.certs import CertPaths
@@ -356,3 +357,34 @@ async def wait_for_generation(session: aiohttp.ClientSession, admin_port: int, g
                 return
         await asyncio.sleep(0.1)
     pytest.fail(f"the config never reached generation {generation}")
+
+
+async def test_a_backends_own_503_reaches_the_client_when_no_retry_follows(start_gateway: Any,
+                                                                            certs: CertPaths) -> None:
+    """A backend that is up (its readiness probe says so) but answers 503: with no other backend to retry on, the
+    client gets that answer, not an error the gateway makes up."""
+    async def overloaded(request: HttpRequest) -> HttpResponse:
+        if request.path == "/v2/health/ready":
+            return HttpResponse(200, b'{"ready":true}')
+        return HttpResponse(503, b'{"error": "the backend is overloaded"}')
+
+    backend = HttpServer(overloaded, max_body_bytes=1 << 20)
+    await backend.start("127.0.0.1", 0)
+    try:
+        document = config_document(certs, [])
+        document["pools"]["cpu"]["backends"] = [{"rest": f"127.0.0.1:{backend.port}"}]
+        gw = await start_gateway(document)
+        status, body, upstream = await gw.predict()
+        assert (status, body, upstream) == (503, {"error": "the backend is overloaded"}, f"127.0.0.1:{backend.port}")
+    finally:
+        await backend.shutdown(1.0)
+
+
+async def test_a_reload_cannot_change_client_certificate_checks(start_gateway: Any, certs: CertPaths,
+                                                                proxies: list[DelayProxy]) -> None:
+    gw = await start_gateway(config_document(certs, proxies))
+    document = config_document(certs, proxies)
+    document["tls"]["client_cert"] = "required"
+    gw.write(document)
+    async with gw.session.post(gw.admin + "/admin/reload", headers=ADMIN) as response:
+        assert response.status == 400 and "needs a restart" in (await response.json())["error"]

@@ -144,9 +144,9 @@ def test_example_file_parses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
                  id="max-ejection-equal-to-ejection"),
     pytest.param([(CPU + ("balancer",), "round_robin")], lambda c: c.pools["cpu"].balancer == "round_robin",
                  id="round-robin"),
-    pytest.param([(("pools", "gpu"), {"backends": [{"rest": "127.0.0.1:8601"}]})],
+    pytest.param([(("pools", "gpu"), {"backends": [{"rest": "127.0.0.1:8701"}]})],
                  lambda c: list(c.pools) == ["cpu", "gpu"] and c.pools["gpu"].name == "gpu",
-                 id="same-backend-in-two-pools"),
+                 id="second-pool"),
     pytest.param([(("routes", 0, "split"), [{"version": 0, "weight": 1}])],
                  lambda c: c.routes[0].split == (SplitTarget(1, version=0),), id="version-zero"),
     pytest.param([(("routes", 0, "split"), [])], lambda c: c.routes[0].split == (), id="empty-split"),
@@ -230,7 +230,7 @@ R0, SPLIT0 = ("routes", 0), ("routes", 0, "split", 0)
     ([(CPU, None)], "pools.cpu: None is not of type 'object'"),
     ([(SPLIT0 + ("label",), 2), (SPLIT0 + ("version",), DELETE)],
      "routes[0].split[0].label: 2 is not of type 'string'"),
-    ([(CPU + ("health_check", "path"), "health")], "pools.cpu.health_check.path: 'health' does not match '^/'"),
+    ([(CPU + ("health_check", "path"), "health")], "pools.cpu.health_check.path: 'health' does not match '^/[^\\\\s]*$'"),
     ([(("tls", "cert"), "")], "tls.cert: '' should be non-empty"),
     ([(("pools", ""), {"backends": [{"rest": "127.0.0.1:1"}]})], "pools: names here are non-empty strings, not ''"),
     # empty collections
@@ -484,6 +484,9 @@ def test_auth_and_rate_limits_parse_into_typed_values() -> None:
     ([(("auth", "client_certs"), [{"subject": "CN=x"}])],
      "auth.client_certs: client certificate rules need tls.client_cert optional or required"),
     ([(("rate_limits", "default"), {"per_second": 0, "burst": 1})], "rate_limits.default.per_second: 0 is less"),
+    ([(("pools", "gpu"), {"backends": [{"rest": "127.0.0.1:8611"}]})],
+     "pools.gpu.backends[0].rest: 127.0.0.1:8611 is already a backend of pool 'cpu'"),
+    ([(("pools", "cpu", "health_check", "path"), "/v2/health/ready now")], "pools.cpu.health_check.path: "),
     ([(("rate_limits", "models"), {"m": {"per_second": 1}})], "rate_limits.models.m.burst: required key is missing"),
 ])
 def test_bad_auth_and_rate_limits(edits: list[tuple[tuple[str | int, ...], Any]], message: str) -> None:
