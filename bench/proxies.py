@@ -19,19 +19,20 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Self, Sequence
+from typing import Any, Self
 
 import yaml
 
 from bench.backend_process import HOST, REPO, ServerExited, ServerProcess, free_port
 from gateway.certs import CertPaths
 from gateway.keys import digest
+from gateway.tls import TLS12_CIPHERS  # nginx offers what the gateway offers, so both do equal work
 
 NGINX_MISSING = "nginx not installed: apt-get install nginx"
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin")  # not on every user's PATH
-_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # what the gateway offers (gateway/tls.py), so both do equal work
 
 
 ADMIN_KEY = secrets.token_urlsafe(24)  # this bench run's admin key, for the gateways it starts
@@ -177,7 +178,7 @@ http {{
         ssl_certificate {certs.server_cert};
         ssl_certificate_key {certs.server_key};
         ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_ciphers {_TLS12_CIPHERS};
+        ssl_ciphers {TLS12_CIPHERS};
         ssl_prefer_server_ciphers on;
         keepalive_requests 1000000;
         location / {{

@@ -20,7 +20,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import time
@@ -34,6 +33,7 @@ from typing import Literal, TypeVar
 import jwt
 
 from gateway.config import ALL_METHODS, AuthConfig, JwtConfig, Rate
+from gateway.keys import raw_digest
 
 Kind = Literal["api_key", "jwt", "client_cert", "anonymous"]
 _T = TypeVar("_T")
@@ -103,10 +103,6 @@ def _credential(headers: Mapping[str, str]) -> str | None:
         return token.strip()
     key = headers.get("x-api-key")
     return None if key is None else key.strip()
-
-
-def _sha256(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 def _match(digest: bytes, entries: Iterable[tuple[bytes, _T]]) -> _T | None:
@@ -208,7 +204,7 @@ class Authenticator:
         credential = _credential(headers)
         if credential is None:
             raise AuthError(401, _MISSING, _CHALLENGE)
-        name = _match(_sha256(credential), self._admin_keys)
+        name = _match(raw_digest(credential), self._admin_keys)
         if name is None:
             raise _invalid()
         return name
@@ -216,7 +212,7 @@ class Authenticator:
     def _verify(self, credential: str) -> Principal:
         if not credential:
             raise _invalid()
-        digest = _sha256(credential)
+        digest = raw_digest(credential)
         principal = _match(digest, self._api_keys)
         if principal is not None:
             return principal

@@ -14,9 +14,14 @@ import secrets
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+def raw_digest(key: str) -> bytes:
+    """The sha256 of a key, as gateway.auth compares it."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
 def digest(key: str) -> str:
     """The lowercase hex sha256 that `api_keys[].sha256` and `admin_keys[].sha256` hold."""
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return raw_digest(key).hex()
 
 
 def new_key(name: str) -> tuple[str, str]:

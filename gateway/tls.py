@@ -14,7 +14,7 @@ from collections.abc import Callable
 from gateway.config import TlsConfig
 
 # ECDHE key exchange with AEAD ciphers only, for TLS 1.2 (TLS 1.3's suites are all modern and not set here).
-_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 class TlsError(Exception):
@@ -24,7 +24,7 @@ class TlsError(Exception):
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(_TLS12_CIPHERS)
+    context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols(["http/1.1"])
     try:
