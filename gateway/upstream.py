@@ -141,13 +141,13 @@ class Upstreams:
         self._retiring[task] = backend
         task.add_done_callback(self._retiring.pop)
 
-    @staticmethod
-    async def _close_when_idle(backend: BackendRuntime, grace_s: float) -> None:
-        """Requests that started on the old snapshot finish first (bounded by the request timeout)."""
+    async def _close_when_idle(self, backend: BackendRuntime, grace_s: float) -> None:
+        """Requests that started on the old snapshot finish first (bounded by the request timeout). Polled, since a
+        retired backend is rare and its requests end on their own: no per-request signal is worth the hot path."""
         if backend.checker is not None:
             await asyncio.gather(backend.checker, return_exceptions=True)
-        deadline = time.monotonic() + grace_s
-        while backend.load.in_flight and time.monotonic() < deadline:
+        deadline = self._clock() + grace_s
+        while backend.load.in_flight and self._clock() < deadline:
             await asyncio.sleep(0.05)
         await backend.http.close()
 
