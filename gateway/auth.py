@@ -32,16 +32,13 @@ from typing import Literal, TypeVar
 
 import jwt
 
-from gateway.config import ALL_METHODS, AuthConfig, JwtConfig, Rate
+from gateway.config import ALL_METHODS, JWT_ALGORITHMS, AuthConfig, JwtConfig, Rate
 from gateway.keys import raw_digest
 
 Kind = Literal["api_key", "jwt", "client_cert", "anonymous"]
 _T = TypeVar("_T")
 
-# Signature algorithms verified with a public key. HMAC ("HS*") and "none" are absent on purpose: with a JWKS of
-# public keys, HS256 would let anyone holding the public key forge tokens.
-_ASYMMETRIC = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA"})
+_ASYMMETRIC = frozenset(JWT_ALGORITHMS)  # see gateway.config: never HMAC or "none"
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")  # an unsigned token has no third part
 _CACHE_SIZE = 10_000
 _NO_RATES: Mapping[str, Rate] = types.MappingProxyType({})

@@ -136,6 +136,9 @@ class Route:
 
 
 ALL_METHODS = ("predict", "classify", "regress", "metadata", "status")
+# JWT signature algorithms verified with a public key. HMAC ("HS*") and "none" are absent on purpose: with a JWKS of
+# public keys, HS256 would let anyone holding the public key forge tokens.
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA")
 _EMPTY_RATES: Mapping[str, Rate] = types.MappingProxyType({})
 
 
@@ -361,8 +364,7 @@ _SCHEMA = _object({
         "jwt": _object({
             "issuer": _STRING, "audience": _STRING, "jwks_file": _STRING, "models_claim": _STRING,
             "algorithms": {"type": "array", "minItems": 1, "uniqueItems": True,
-                           "items": {"enum": ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
-                                              "ES512", "EdDSA"]}},
+                           "items": {"enum": list(JWT_ALGORITHMS)}},
             "leeway_s": {"type": "number", "minimum": 0, "maximum": 300}, "rate": _RATE,
         }, required=("issuer", "audience", "jwks_file")),
         "client_certs": {"type": "array", "items": _object({"subject": _STRING, **_GRANTS}, required=("subject",))},
