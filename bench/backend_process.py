@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Iterator, Self, Sequence
 
-from gateway.cli import demo_model_config
+from gateway.up import demo_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

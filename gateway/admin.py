@@ -33,6 +33,8 @@ class AdminTarget(Protocol):
 
     async def reload(self, reason: str) -> tuple[bool, str]: ...
 
+    def describe_fleet(self) -> dict[str, object] | None: ...
+
 
 def _json(status: int, document: Any) -> HttpResponse:
     return HttpResponse(status=status, body=orjson.dumps(document, option=orjson.OPT_INDENT_2))
@@ -81,7 +83,11 @@ class Admin:
         return _json(200 if ready else 503, {"status": "ready" if ready else "not ready"})
 
     async def _backends(self) -> HttpResponse:
-        return _json(200, {"pools": self._upstreams.describe(self._clock())})
+        document: dict[str, object] = {"pools": self._upstreams.describe(self._clock())}
+        fleet = self._target.describe_fleet()
+        if fleet is not None:
+            document["fleet"] = fleet
+        return _json(200, document)
 
     async def _config(self) -> HttpResponse:
         snapshot = self._target.snapshot

@@ -15,6 +15,7 @@ serving. Requests in flight finish on the snapshot they started with.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import signal
@@ -30,6 +31,7 @@ from gateway.accesslog import AccessLog
 from gateway.admin import Admin
 from gateway.auth import AuthConfigError, Authenticator
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.fleet import Fleet
 from gateway.guard import Guard
 from gateway.http_edge import Edge
 from gateway.metrics import GatewayMetrics
@@ -59,6 +61,8 @@ class Gateway:
         self.upstreams = Upstreams(self.metrics, self._rng, clock)
         self._limiter: RateLimiter | None = None  # made with the first config; reconfigured, never replaced
         self._snapshot: Snapshot | None = None
+        self._declared: tuple[GatewayConfig, ssl.SSLContext, Authenticator] | None = None  # the config as written
+        self.fleet: Fleet | None = None
         self._reload_lock = asyncio.Lock()
         self._edge_server: HttpServer | None = None
         self._admin_server: HttpServer | None = None
@@ -91,6 +95,10 @@ class Gateway:
             raise StartupError(str(error)) from None
         self._limiter = RateLimiter(config.rate_limits)
         self._install(config, context, authenticator, generation=1)
+        try:
+            await self._apply_fleet(config)
+        except ValueError as error:  # the plan does not fit: e.g. too many workers for the port range
+            raise StartupError(f"fleet: {error}") from None
         limits = config.limits
         guard = Guard(self._limiter, self.metrics, self._clock)
         edge = Edge(self, self.upstreams, guard, self.metrics, self.access_log, self._rng, self._clock)
@@ -102,6 +110,8 @@ class Gateway:
                                        keepalive_timeout_s=limits.idle_timeout_s, error_body=json_error_body)
         try:
             await self._admin_server.start(config.listen.admin.host, config.listen.admin.port)
+            if self.fleet is not None:
+                await self._wait_for_fleet(self.fleet)
             await self._edge_server.start(config.listen.https.host, config.listen.https.port,
                                           switching_context(lambda: self.snapshot.tls))
         except OSError as error:
@@ -118,10 +128,8 @@ class Gateway:
 
     def _install(self, config: GatewayConfig, context: ssl.SSLContext, authenticator: Authenticator,
                  generation: int) -> None:
-        pools = self.upstreams.build(config)
-        self._snapshot = Snapshot(generation=generation, config=config, routes=RouteTable(config.routes),
-                                  pools=pools, tls=context, authenticator=authenticator)
-        self.upstreams.apply(pools, config.limits.request_timeout_s)
+        self._declared = (config, context, authenticator)
+        self._swap(generation)
         assert self._limiter is not None
         self._limiter.reconfigure(config.rate_limits)
         if authenticator.misconfigured:
@@ -130,6 +138,61 @@ class Gateway:
             self._edge_server.set_limits(max_body_bytes=config.limits.max_body_bytes,
                                          header_timeout_s=config.limits.header_timeout_s,
                                          keepalive_timeout_s=config.limits.idle_timeout_s)
+
+    def _swap(self, generation: int) -> None:
+        """Build the snapshot of the declared config plus the fleet's ready workers, and make it the live one."""
+        assert self._declared is not None
+        declared, context, authenticator = self._declared
+        config = self._with_fleet(declared)
+        pools = self.upstreams.build(config)
+        self._snapshot = Snapshot(generation=generation, config=config, routes=RouteTable(config.routes),
+                                  pools=pools, tls=context, authenticator=authenticator)
+        self.upstreams.apply(pools, config.limits.request_timeout_s)
+
+    def _with_fleet(self, config: GatewayConfig) -> GatewayConfig:
+        if self.fleet is None or config.fleet is None:
+            return config
+        pool = config.pools[config.fleet.pool]
+        pools = {**config.pools, pool.name: dataclasses.replace(pool, backends=pool.backends + self.fleet.backends())}
+        return dataclasses.replace(config, pools=pools)
+
+    def _fleet_changed(self) -> None:
+        """A worker joined or left: the same config, with the fleet's members as they are now."""
+        if self._snapshot is not None:
+            self._swap(self._snapshot.generation)
+
+    async def _apply_fleet(self, config: GatewayConfig) -> None:
+        """Start, change or stop the fleet as `config` says; a change rolls in the background (gateway/fleet.py)."""
+        if config.fleet is None:
+            if self.fleet is not None:
+                fleet, self.fleet = self.fleet, None
+                self._fleet_changed()
+                await fleet.stop()
+        elif self.fleet is None:
+            pool = config.pools[config.fleet.pool]
+            self.fleet = Fleet(config.fleet, health_path=pool.health_check.path, on_change=self._fleet_changed,
+                               metrics=self.metrics, rng=self._rng, clock=self._clock)
+            await self.fleet.start()
+        else:
+            await self.fleet.reconfigure(config.fleet)
+
+    async def _wait_for_fleet(self, fleet: Fleet) -> None:
+        log.info("waiting for the fleet's workers to load their models (up to %.0f s) ...",
+                 fleet.config.ready_timeout_s)
+        started = self._clock()
+        if await fleet.wait_ready(fleet.config.ready_timeout_s):
+            states = [worker["state"] for worker in fleet.describe()]
+            log.info("fleet: %d of %d worker(s) ready after %.1f s", states.count("ready"), len(states),
+                     self._clock() - started)
+        else:
+            log.warning("fleet: not every worker is ready after %.0f s; serving with those that are",
+                        fleet.config.ready_timeout_s)
+
+    def describe_fleet(self) -> dict[str, object] | None:
+        """The fleet's workers for GET /admin/backends; None without a fleet."""
+        if self.fleet is None:
+            return None
+        return {"pool": self.fleet.config.pool, "workers": self.fleet.describe()}
 
     async def reload(self, reason: str) -> tuple[bool, str]:
         """Apply the config file as it is now; (applied, message). See the module docstring."""
@@ -149,6 +212,13 @@ class Gateway:
                 log.error("config reload (%s) rejected, still serving generation %d: %s", reason,
                           current.generation, error)
                 return False, f"config rejected, still serving generation {current.generation}: {error}"
+            try:
+                await self._apply_fleet(config)
+            except ValueError as error:
+                self.metrics.reloaded(False)
+                log.error("config reload (%s) rejected, still serving generation %d: fleet: %s", reason,
+                          current.generation, error)
+                return False, f"config rejected, still serving generation {current.generation}: fleet: {error}"
             self._install(config, context, authenticator, current.generation + 1)
             self.metrics.reloaded(True)
             log.info("config reload (%s): generation %d applied from %s", reason, current.generation + 1,
@@ -183,6 +253,8 @@ class Gateway:
         await asyncio.gather(*watchers, return_exceptions=True)
         if self._admin_server is not None:
             await self._admin_server.shutdown(0)
+        if self.fleet is not None:
+            await self.fleet.stop()
         await self.upstreams.close()
         self.access_log.flush()
 

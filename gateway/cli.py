@@ -1,7 +1,6 @@
 """The `tfgate` command.
 
-`tfgate up` is the main job. Today it serves the bundled demo models from one backend on loopback; the gateway
-and its fleet take over this command as they land, so the quick start never changes.
+`tfgate up` is the main job (gateway/up.py): the TLS gateway and its fleet of backends serving the demo models.
 """
 
 from __future__ import annotations
@@ -16,41 +15,10 @@ from gateway.__main__ import add_arguments as add_gateway_arguments
 from gateway.__main__ import run as run_gateway
 from gateway.certs import write_dev_certs
 from gateway.keys import new_key
-
-DEMO_MODELS = ("half_plus_two", "half_plus_two_tf1", "mlp", "strings")
-
-
-def demo_model_config(models_dir: Path) -> str:
-    """A text ModelServerConfig serving every demo model; half_plus_two keeps both versions with labels."""
-    entries = []
-    for name in DEMO_MODELS:
-        extra = ""
-        if name == "half_plus_two":
-            extra = (" model_version_policy { all {} } version_labels { key: 'stable' value: 1 }"
-                     " version_labels { key: 'canary' value: 2 }")
-        entries.append(f"  config {{ name: '{name}' base_path: '{models_dir / name}' model_platform: 'tensorflow'"
-                       f"{extra} }}")
-    return "model_config_list {\n" + "\n".join(entries) + "\n}\n"
-
-
-def _up(args: argparse.Namespace) -> int:
-    from backend.__main__ import main as backend_main
-
-    models_dir = ensure_demo_models()
-    config_path = models_dir.parent / f"{models_dir.name}.models.config"
-    config_path.write_text(demo_model_config(models_dir))
-    monitoring_path = models_dir.parent / "monitoring.config"
-    monitoring_path.write_text("prometheus_config { enable: true }\n")
-    rest = f"http://{args.bind}:{args.rest_port}"
-    print(f"tfgate: serving the demo models from {models_dir}\n"
-          f"tfgate: REST {rest}, gRPC {args.bind}:{args.grpc_port}; once ready, try:\n"
-          f"  curl -s {rest}/v1/models/half_plus_two:predict -d '{{\"instances\": [1.0, 2.0, 5.0]}}'\n"
-          f"  curl -s {rest}/v1/models/half_plus_two\n"
-          f"  curl -s {rest}/v2/health/ready\n"
-          f"  curl -s {rest}/monitoring/prometheus/metrics", file=sys.stderr)
-    return backend_main([f"--port={args.grpc_port}", f"--rest_api_port={args.rest_port}",
-                         f"--bind_address={args.bind}", f"--model_config_file={config_path}",
-                         f"--monitoring_config_file={monitoring_path}", "--enable_grpc_healthcheck_service"])
+from gateway.status import add_arguments as add_status_arguments
+from gateway.status import run as run_status
+from gateway.up import add_arguments as add_up_arguments
+from gateway.up import run as run_up
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -75,11 +43,10 @@ def _new_key(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tfgate", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser("up", help="serve the bundled demo models (Ctrl-C stops)")
-    up.add_argument("--rest-port", type=int, default=8501)
-    up.add_argument("--grpc-port", type=int, default=8500)
-    up.add_argument("--bind", default="127.0.0.1", help="listen address (default: loopback only)")
-    up.set_defaults(run=_up)
+    up = commands.add_parser("up", help="the TLS gateway with a fleet of backends serving the demo models "
+                             "(Ctrl-C stops)")
+    add_up_arguments(up)
+    up.set_defaults(run=run_up)
     certs = commands.add_parser("certs", help="write a development CA and server/client certificates")
     certs.add_argument("--dir", type=Path, default=Path("certs"), help="where to write them (default: certs/)")
     certs.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1", "::1"],
@@ -94,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     new = key_commands.add_parser("new", help="print a fresh random key once, and the config line with its digest")
     new.add_argument("name", help="the key's name (who holds it): letters, digits, '.', '_' or '-'")
     new.set_defaults(run=_new_key)
+    status = commands.add_parser("status", help="a table of the pools, backends and fleet workers (admin API)")
+    add_status_arguments(status)
+    status.set_defaults(run=run_status)
     models = commands.add_parser("demo-models", help="build the demo SavedModels (cached) and print where")
     models.set_defaults(run=lambda _args: print(ensure_demo_models()) or 0)
     args = parser.parse_args(argv)

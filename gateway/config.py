@@ -28,16 +28,11 @@ import jsonschema
 import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
+from gateway.config_fleet import FLEET_SCHEMA, FleetConfig, build_fleet
+from gateway.config_schema import DURATION, PERCENT, STRING, THRESHOLD, ConfigError, schema_object
+
 BalancerKind = Literal["round_robin", "least_latency"]
 ClientCertMode = Literal["none", "optional", "required"]
-
-
-class ConfigError(Exception):
-    """A config the gateway cannot run with; the message names the key path first, for the person editing the file."""
-
-    def __init__(self, message: str, key: str = "") -> None:
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +204,7 @@ class GatewayConfig:
     auth: AuthConfig = AuthConfig()
     rate_limits: RateLimits = RateLimits()
     expose_upstream_header: bool = False
+    fleet: FleetConfig | None = None  # backends the gateway starts and supervises itself (gateway/fleet.py)
     source: str = "<text>"
 
     def __post_init__(self) -> None:
@@ -293,86 +289,79 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _object(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
-
-
-_DURATION = {"type": "number", "exclusiveMinimum": 0}
-_PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
-_THRESHOLD = {"type": "integer", "minimum": 1}
-_STRING = {"type": "string", "minLength": 1}
-_RATE = _object({"per_second": _DURATION, "burst": {"type": "number", "minimum": 1}}, required=("per_second", "burst"))
+_RATE = schema_object({"per_second": DURATION, "burst": {"type": "number", "minimum": 1}}, required=("per_second", "burst"))
 _RATES = {"type": "object", "propertyNames": {"type": "string", "minLength": 1}, "additionalProperties": _RATE}
 _DIGEST = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"}
 _GRANTS = {
-    "models": {"type": "array", "items": _STRING},
+    "models": {"type": "array", "items": STRING},
     "methods": {"type": "array", "items": {"enum": list(ALL_METHODS)}, "uniqueItems": True},
     "rate": _RATE, "model_rates": _RATES,
 }
 
-_SCHEMA = _object({
-    "listen": _object({"https": {"type": "string"}, "admin": {"type": "string"}}),
-    "tls": _object({
-        "cert": _STRING, "key": _STRING, "client_ca": _STRING,
+_SCHEMA = schema_object({
+    "listen": schema_object({"https": {"type": "string"}, "admin": {"type": "string"}}),
+    "tls": schema_object({
+        "cert": STRING, "key": STRING, "client_ca": STRING,
         "client_cert": {"enum": ["none", "optional", "required"]},
     }, required=("cert", "key")),
-    "limits": _object({
+    "limits": schema_object({
         "max_body_bytes": {"type": "integer", "minimum": 1},
-        "header_timeout_s": _DURATION, "request_timeout_s": _DURATION, "idle_timeout_s": _DURATION,
+        "header_timeout_s": DURATION, "request_timeout_s": DURATION, "idle_timeout_s": DURATION,
     }),
     "pools": {
         "type": "object", "minProperties": 1, "propertyNames": {"type": "string", "minLength": 1},
-        "additionalProperties": _object({
+        "additionalProperties": schema_object({
             "balancer": {"enum": ["round_robin", "least_latency"]},
-            "health_check": _object({
-                "interval_s": _DURATION, "timeout_s": _DURATION,
-                "unhealthy_threshold": _THRESHOLD, "healthy_threshold": _THRESHOLD,
-                "path": {"type": "string", "pattern": "^/[^\\s]*$"}, "jitter_percent": _PERCENT,
+            "health_check": schema_object({
+                "interval_s": DURATION, "timeout_s": DURATION,
+                "unhealthy_threshold": THRESHOLD, "healthy_threshold": THRESHOLD,
+                "path": {"type": "string", "pattern": "^/[^\\s]*$"}, "jitter_percent": PERCENT,
             }),
-            "outlier": _object({
-                "consecutive_failures": _THRESHOLD, "ejection_s": _DURATION, "max_ejection_s": _DURATION,
-                "max_ejected_percent": _PERCENT,
+            "outlier": schema_object({
+                "consecutive_failures": THRESHOLD, "ejection_s": DURATION, "max_ejection_s": DURATION,
+                "max_ejected_percent": PERCENT,
             }),
-            "retries": _object({
-                "attempts": {"type": "integer", "minimum": 1}, "budget_percent": _PERCENT,
+            "retries": schema_object({
+                "attempts": {"type": "integer", "minimum": 1}, "budget_percent": PERCENT,
                 "min_retries_per_s": {"type": "number", "minimum": 0},
             }),
-            "panic_threshold_percent": _PERCENT,
-            "latency_decay_s": _DURATION,
+            "panic_threshold_percent": PERCENT,
+            "latency_decay_s": DURATION,
             "backends": {
-                "type": "array", "minItems": 1,
-                "items": _object({"rest": {"type": "string"}, "grpc": {"type": "string"}}, required=("rest",)),
+                "type": "array",
+                "items": schema_object({"rest": {"type": "string"}, "grpc": {"type": "string"}}, required=("rest",)),
             },
-        }, required=("backends",)),
+        }),
     },
     "routes": {
         "type": "array", "minItems": 1,
-        "items": _object({
-            "model": _STRING, "pool": _STRING,
-            "split": {"type": "array", "items": _object({
+        "items": schema_object({
+            "model": STRING, "pool": STRING,
+            "split": {"type": "array", "items": schema_object({
                 "weight": {"type": "integer", "minimum": 1},
                 "version": {"type": "integer", "minimum": 0},
-                "label": _STRING,
+                "label": STRING,
             }, required=("weight",))},
         }, required=("model", "pool")),
     },
-    "auth": _object({
+    "auth": schema_object({
         "required": {"type": "boolean"},
-        "api_keys": {"type": "array", "items": _object({"name": _NAME, "sha256": _DIGEST, **_GRANTS},
+        "api_keys": {"type": "array", "items": schema_object({"name": _NAME, "sha256": _DIGEST, **_GRANTS},
                                                        required=("name", "sha256"))},
-        "jwt": _object({
-            "issuer": _STRING, "audience": _STRING, "jwks_file": _STRING, "models_claim": _STRING,
+        "jwt": schema_object({
+            "issuer": STRING, "audience": STRING, "jwks_file": STRING, "models_claim": STRING,
             "algorithms": {"type": "array", "minItems": 1, "uniqueItems": True,
                            "items": {"enum": list(JWT_ALGORITHMS)}},
             "leeway_s": {"type": "number", "minimum": 0, "maximum": 300}, "rate": _RATE,
         }, required=("issuer", "audience", "jwks_file")),
-        "client_certs": {"type": "array", "items": _object({"subject": _STRING, **_GRANTS}, required=("subject",))},
-        "admin_keys": {"type": "array", "items": _object({"name": _NAME, "sha256": _DIGEST},
+        "client_certs": {"type": "array", "items": schema_object({"subject": STRING, **_GRANTS}, required=("subject",))},
+        "admin_keys": {"type": "array", "items": schema_object({"name": _NAME, "sha256": _DIGEST},
                                                          required=("name", "sha256"))},
     }),
-    "rate_limits": _object({"default": _RATE, "models": _RATES}),
+    "rate_limits": schema_object({"default": _RATE, "models": _RATES}),
     "expose_upstream_header": {"type": "boolean"},
+    "fleet": FLEET_SCHEMA,
 }, required=("tls", "pools", "routes"))
 
 # JSON Schema counts 2.0 as an integer; a count or a port written as a float is a mistake worth naming.
@@ -475,6 +464,11 @@ def _build(doc: dict[str, Any], source: str, base_dir: Path) -> GatewayConfig:
 
     pools = {name: _pool(name, pool_doc) for name, pool_doc in doc["pools"].items()}
     _one_pool_per_backend(pools)
+    fleet = build_fleet(doc["fleet"], base_dir, pools) if "fleet" in doc else None
+    for name, pool in pools.items():
+        if not pool.backends and (fleet is None or fleet.pool != name):
+            raise ConfigError("needs at least one backend (only the fleet's pool may have none)",
+                              f"pools.{name}.backends")
     auth = _auth(doc.get("auth", {}), base_dir)
     if auth.client_certs and tls.client_cert == "none":
         raise ConfigError("client certificate rules need tls.client_cert optional or required", "auth.client_certs")
@@ -482,7 +476,8 @@ def _build(doc: dict[str, Any], source: str, base_dir: Path) -> GatewayConfig:
     rate_limits = RateLimits(default=_rate(limits_doc.get("default")), models=_rates(limits_doc.get("models", {})))
     return GatewayConfig(tls=tls, pools=pools, routes=_routes(doc["routes"], pools), listen=listen,
                          limits=Limits(**doc.get("limits", {})), auth=auth, rate_limits=rate_limits,
-                         expose_upstream_header=doc.get("expose_upstream_header", False), source=source)
+                         expose_upstream_header=doc.get("expose_upstream_header", False), fleet=fleet,
+                         source=source)
 
 
 def _one_pool_per_backend(pools: Mapping[str, Pool]) -> None:
@@ -533,7 +528,7 @@ def _auth(doc: dict[str, Any], base_dir: Path) -> AuthConfig:
 def _pool(name: str, doc: dict[str, Any]) -> Pool:
     key = f"pools.{name}"
     backends: list[Backend] = []
-    for index, backend_doc in enumerate(doc["backends"]):
+    for index, backend_doc in enumerate(doc.get("backends", ())):
         backend_key = f"{key}.backends[{index}]"
         grpc = backend_doc.get("grpc")
         backend = Backend(rest=_host_port(backend_doc["rest"], f"{backend_key}.rest"),

@@ -6,25 +6,30 @@ How it works: with GPUs, one worker per GPU, pinned to exactly that GPU (`CUDA_V
 with GPUs hidden explicitly (`CUDA_VISIBLE_DEVICES=-1`), each with cores // replicas intra-op threads and one
 inter-op thread, so replicas do not fight over the cores.
 
-Ports: worker i listens for gRPC on `base_port + 2*i` and REST on `base_port + 2*i + 1`, so a fleet of n workers
-uses the 2n ports from base_port on, and a worker's ports follow from its index alone.
+Ports: a process listens on one numbered pair of loopback ports, gRPC on `base_port + 2*k` and REST on
+`base_port + 2*k + 1`. Worker i runs on pair i; while a rolling change replaces it, the replacement starts on the
+lowest pair no process of the fleet holds (`free_pair`) so the old one serves until the new one is ready. A fleet
+of n workers so uses the ports from base_port up to base_port + 2n + 1.
 
-Guarantees: each worker's flags start with the ones the plan owns (`--port`, `--rest_api_port`, both thread
-counts), then `extra_flags` as given; extra flags that would override a planned one raise ValueError naming it,
-as do a bad core count, replica count or port range.
+Guarantees: each worker's flags start with the thread counts the plan owns, then `extra_flags` as given; extra flags
+that would set anything the fleet decides (`PLANNED_FLAGS`) raise ValueError naming it, as do a bad core count,
+replica count or port range.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from gateway.devices import Gpu
 
-_PLANNED_FLAGS = frozenset(
-    {"port", "rest_api_port", "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"}
-)
+# Set by the fleet for each process: its ports and loopback address, its share of the cores, and the files every
+# worker of the fleet shares.
+PLANNED_FLAGS = frozenset({
+    "port", "rest_api_port", "bind_address", "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism",
+    "model_config_file", "model_name", "model_base_path", "enable_batching", "batching_parameters_file",
+})
 _MAX_PORT = 65535
 
 
@@ -33,9 +38,7 @@ class Worker:
     index: int
     gpu: Gpu | None  # None: a CPU worker
     env: Mapping[str, str]  # added to the supervisor's environment (read-only)
-    flags: tuple[str, ...]
-    rest_port: int
-    grpc_port: int
+    flags: tuple[str, ...]  # without ports: those depend on the pair a process gets (`port_flags`)
 
 
 def plan_workers(
@@ -46,7 +49,7 @@ def plan_workers(
         raise ValueError(f"cpu_count must be at least 1, got {cpu_count}")
     if cpu_replicas is not None and cpu_replicas < 1:
         raise ValueError(f"cpu_replicas must be at least 1, got {cpu_replicas}")
-    _refuse_planned(extra_flags)
+    refuse_planned(extra_flags)
     slots: list[tuple[Gpu | None, dict[str, str], int, int]] = []  # (gpu, env, intra-op, inter-op threads)
     if gpus:
         share = max(1, cpu_count // len(gpus))
@@ -57,25 +60,40 @@ def plan_workers(
         replicas = cpu_replicas if cpu_replicas is not None else max(1, cpu_count // 2)
         share = max(1, cpu_count // replicas)
         slots.extend((None, {"CUDA_VISIBLE_DEVICES": "-1"}, share, 1) for _ in range(replicas))
-    if not 1 <= base_port or base_port + 2 * len(slots) - 1 > _MAX_PORT:
-        raise ValueError(f"base_port {base_port} leaves no room for {2 * len(slots)} ports up to {_MAX_PORT}")
-    workers = []
-    for index, (device, env, intra, inter) in enumerate(slots):
-        grpc_port, rest_port = base_port + 2 * index, base_port + 2 * index + 1
-        flags = (
-            f"--port={grpc_port}",
-            f"--rest_api_port={rest_port}",
-            f"--tensorflow_intra_op_parallelism={intra}",
-            f"--tensorflow_inter_op_parallelism={inter}",
-            *extra_flags,
-        )
-        workers.append(Worker(index, device, MappingProxyType(env), flags, rest_port=rest_port, grpc_port=grpc_port))
-    return tuple(workers)
+    last_port = base_port + 2 * (len(slots) + 1) - 1  # n pairs, and one for a replacement
+    if not 1 <= base_port or last_port > _MAX_PORT:
+        raise ValueError(f"base_port {base_port} leaves no room for {2 * (len(slots) + 1)} ports up to {_MAX_PORT}")
+    return tuple(
+        Worker(index, device, MappingProxyType(env),
+               (f"--tensorflow_intra_op_parallelism={intra}", f"--tensorflow_inter_op_parallelism={inter}",
+                *extra_flags))
+        for index, (device, env, intra, inter) in enumerate(slots)
+    )
 
 
-def _refuse_planned(extra_flags: Sequence[str]) -> None:
+def port_pair(base_port: int, pair: int) -> tuple[int, int]:
+    """(gRPC port, REST port) of pair number `pair`."""
+    return base_port + 2 * pair, base_port + 2 * pair + 1
+
+
+def port_flags(base_port: int, pair: int) -> tuple[str, str]:
+    grpc_port, rest_port = port_pair(base_port, pair)
+    return f"--port={grpc_port}", f"--rest_api_port={rest_port}"
+
+
+def free_pair(preferred: int, taken: Collection[int]) -> int:
+    """`preferred` when no process holds it, else the lowest pair number nobody holds."""
+    if preferred not in taken:
+        return preferred
+    pair = 0
+    while pair in taken:
+        pair += 1
+    return pair
+
+
+def refuse_planned(extra_flags: Sequence[str]) -> None:
     """The backend takes `-flag`, `--flag` and `--flag=value`: compare by bare name so no spelling slips past."""
     for token in extra_flags:
         name = token.lstrip("-").partition("=")[0]
-        if token.startswith("-") and name in _PLANNED_FLAGS:
-            raise ValueError(f"extra flag --{name} is set by the fleet plan for each worker; remove it")
+        if token.startswith("-") and name in PLANNED_FLAGS:
+            raise ValueError(f"--{name} is set by the fleet for each worker; remove it")

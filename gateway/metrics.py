@@ -17,6 +17,8 @@ from backend.loop_metrics import LoopCounter, LoopGauge, LoopHistogram, LoopMetr
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UpstreamState = Literal["healthy", "unhealthy", "ejected"]
 STATES: tuple[UpstreamState, ...] = ("healthy", "unhealthy", "ejected")
+WorkerState = Literal["starting", "ready", "backoff", "failed", "stopped"]  # a fleet worker's (gateway/fleet.py)
+WORKER_STATES: tuple[WorkerState, ...] = ("starting", "ready", "backoff", "failed", "stopped")
 
 
 class GatewayMetrics:
@@ -55,6 +57,11 @@ class GatewayMetrics:
         self._config_ok.set(1)
         for result in ("success", "failure"):
             self._reloads.labels(result)
+        self._fleet_state = Gauge("tfgate_fleet_worker_state", "1 for the state each fleet worker is in (starting, "
+                                  "ready, backoff after a crash, failed: a crash loop given up, stopped).",
+                                  ["pool", "worker", "state"], registry=reg)
+        self._fleet_restarts = Counter("tfgate_fleet_worker_restarts", "Restarts of a fleet worker after it "
+                                       "exited or failed to become ready.", ["pool", "worker"], registry=reg)
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -108,6 +115,13 @@ class GatewayMetrics:
     def reloaded(self, ok: bool) -> None:
         self._reloads.labels("success" if ok else "failure").inc()
         self._config_ok.set(1 if ok else 0)
+
+    def fleet_state(self, *, pool: str, worker: str, state: WorkerState) -> None:
+        for each in WORKER_STATES:
+            self._fleet_state.labels(pool, worker, each).set(1 if each == state else 0)
+
+    def fleet_restarted(self, *, pool: str, worker: str) -> None:
+        self._fleet_restarts.labels(pool, worker).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

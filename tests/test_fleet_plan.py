@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.devices import Gpu, detect_gpus, parse_nvidia_smi_list
-from gateway.fleet_plan import Worker, plan_workers
+from gateway.fleet_plan import Worker, free_pair, plan_workers, port_flags, port_pair
 from gateway.restart_policy import RestartPolicy
 
 UUIDS = [f"GPU-{n}a2b3c4d-0000-1111-2222-33334444555{n}" for n in range(4)]
@@ -113,7 +113,7 @@ def plan(gpus: Sequence[Gpu], cpu_count: int = 8, cpu_replicas: int | None = Non
 
 
 def threads(worker: Worker) -> tuple[str, str]:
-    intra, inter = worker.flags[2:4]
+    intra, inter = worker.flags[:2]
     return intra.partition("=")[2], inter.partition("=")[2]
 
 
@@ -145,13 +145,25 @@ def test_plan_cpu_workers(cpu_count: int, cpu_replicas: int | None, expected_rep
         assert threads(worker) == (expected_intra, "1")
 
 
-def test_plan_ports_and_flags() -> None:
-    workers = plan([], cpu_count=8, cpu_replicas=3, base_port=9000, extra_flags=["--model_name", "m", "--x=1"])
-    assert [(w.grpc_port, w.rest_port) for w in workers] == [(9000, 9001), (9002, 9003), (9004, 9005)]
+def test_plan_flags() -> None:
+    workers = plan([], cpu_count=8, cpu_replicas=3, base_port=9000, extra_flags=["--model_config_file_poll_wait_seconds", "5", "--x=1"])
     assert workers[1].flags == (
-        "--port=9002", "--rest_api_port=9003", "--tensorflow_intra_op_parallelism=2",
-        "--tensorflow_inter_op_parallelism=1", "--model_name", "m", "--x=1",
+        "--tensorflow_intra_op_parallelism=2", "--tensorflow_inter_op_parallelism=1",
+        "--model_config_file_poll_wait_seconds", "5", "--x=1",
     )
+
+
+def test_port_pairs() -> None:
+    assert [port_pair(9000, pair) for pair in range(3)] == [(9000, 9001), (9002, 9003), (9004, 9005)]
+    assert port_flags(9000, 1) == ("--port=9002", "--rest_api_port=9003")
+
+
+@pytest.mark.parametrize(
+    ("preferred", "taken", "expected"),
+    [(0, set(), 0), (2, {0, 1}, 2), (1, {1}, 0), (1, {0, 1, 2}, 3), (0, {0, 2}, 1)],
+)
+def test_free_pair(preferred: int, taken: set[int], expected: int) -> None:
+    assert free_pair(preferred, taken) == expected
 
 
 def test_plan_env_is_read_only() -> None:
@@ -169,16 +181,21 @@ def test_plan_env_is_read_only() -> None:
         ("--rest_api_port=8501", "rest_api_port"),
         ("--tensorflow_intra_op_parallelism=8", "tensorflow_intra_op_parallelism"),
         ("--tensorflow_inter_op_parallelism", "tensorflow_inter_op_parallelism"),
+        ("--bind_address=0.0.0.0", "bind_address"),
+        ("--model_config_file=x", "model_config_file"),
+        ("--model_base_path=/m", "model_base_path"),
+        ("--enable_batching", "enable_batching"),
+        ("--batching_parameters_file=b", "batching_parameters_file"),
     ],
 )
 def test_plan_refuses_planned_flags(flag: str, name: str) -> None:
     with pytest.raises(ValueError, match=f"--{name} "):
-        plan([Gpu(0, T4, UUIDS[0])], extra_flags=["--model_name=m", flag, "1"])
+        plan([Gpu(0, T4, UUIDS[0])], extra_flags=["--x=m", flag, "1"])
 
 
 def test_plan_accepts_lookalike_flags() -> None:
-    workers = plan([], extra_flags=["--model_name", "port", "--portable=1", "--rest_api_timeout_in_ms=5"])
-    assert workers[0].flags[-4:] == ("--model_name", "port", "--portable=1", "--rest_api_timeout_in_ms=5")
+    workers = plan([], extra_flags=["--saved_model_tags", "port", "--portable=1", "--rest_api_timeout_in_ms=5"])
+    assert workers[0].flags[-4:] == ("--saved_model_tags", "port", "--portable=1", "--rest_api_timeout_in_ms=5")
 
 
 @pytest.mark.parametrize(
@@ -187,7 +204,7 @@ def test_plan_accepts_lookalike_flags() -> None:
         ({"cpu_count": 0}, "cpu_count"),
         ({"cpu_replicas": 0}, "cpu_replicas"),
         ({"base_port": 0}, "base_port"),
-        ({"base_port": 65531, "cpu_replicas": 3}, "base_port"),
+        ({"base_port": 65529, "cpu_replicas": 3}, "base_port"),
     ],
 )
 def test_plan_refuses_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
@@ -196,7 +213,8 @@ def test_plan_refuses_bad_arguments(kwargs: dict[str, Any], message: str) -> Non
 
 
 def test_plan_last_port_may_be_65535() -> None:
-    assert plan([], cpu_replicas=3, base_port=65530)[-1].rest_port == 65535
+    """Three workers and one replacement: four pairs, 65528..65535."""
+    assert len(plan([], cpu_replicas=3, base_port=65528)) == 3
 
 
 def crash(policy: RestartPolicy, rng: random.Random, started: float, ran_s: float) -> float | None:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
@@ -31,6 +32,7 @@ from gateway.config import (
     parse_config,
     redacted,
 )
+from gateway.config_fleet import FleetConfig, RestartConfig
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "gateway.yaml"
 BASE_DIR = Path("/etc/tfgate")
@@ -72,6 +74,9 @@ def error_of(text: str) -> str:
 
 
 CPU = ("pools", "cpu")
+FLEET = ("fleet",)
+MINIMAL_FLEET = ((FLEET + ("pool",), "cpu"), (FLEET + ("model_config_file",), "models.config"))  # edits for doc_with
+NO_BACKENDS = "needs at least one backend (only the fleet's pool may have none)"
 
 DEFAULTS = GatewayConfig(
     tls=TlsConfig(cert=BASE_DIR / "server.pem", key=BASE_DIR / "server-key.pem"),
@@ -158,6 +163,36 @@ def test_example_file_parses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
                             c.pools["cpu"].panic_threshold_percent) == (0, 100, 0.5), id="percent-bounds"),
     pytest.param([(("limits", "request_timeout_s"), 0.25), (("expose_upstream_header",), True)],
                  lambda c: (c.limits.request_timeout_s, c.expose_upstream_header) == (0.25, True), id="limits"),
+    # the fleet's pool, and only it, may have no backends
+    pytest.param([*MINIMAL_FLEET, (CPU + ("backends",), DELETE)],
+                 lambda c: (c.fleet.pool, c.pools["cpu"].backends) == ("cpu", ()), id="fleet-pool-without-backends"),
+    pytest.param([*MINIMAL_FLEET, (CPU + ("backends",), [])],
+                 lambda c: (c.fleet.pool, c.pools["cpu"].backends) == ("cpu", ()), id="fleet-pool-empty-backends"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("pool",), "gpu"), (("pools", "gpu"), {})],
+                 lambda c: (c.fleet.pool, c.pools["gpu"].backends, len(c.pools["cpu"].backends)) == ("gpu", (), 2),
+                 id="fleet-names-a-second-pool"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("gpus",), [0, 2])], lambda c: c.fleet.gpus == (0, 2), id="fleet-gpus"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("gpus",), [3])], lambda c: c.fleet.gpus == (3,), id="fleet-one-gpu"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("gpus",), "none")], lambda c: c.fleet.gpus == "none", id="fleet-no-gpus"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("gpus",), "auto")], lambda c: c.fleet.gpus == "auto", id="fleet-auto"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("gpus",), None), (FLEET + ("restart",), None)],
+                 lambda c: (c.fleet.gpus, c.fleet.restart) == ("auto", RestartConfig()), id="fleet-nulls-default"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("model_config_file",), "/srv/models.config"),
+                  (FLEET + ("log_dir",), "/var/log/tfgate")],
+                 lambda c: (c.fleet.model_config_file, c.fleet.log_dir) == (Path("/srv/models.config"),
+                                                                            Path("/var/log/tfgate")),
+                 id="fleet-absolute-paths-kept"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("replicas",), 64), (FLEET + ("base_port",), 1),
+                  (FLEET + ("log_backups",), 0), (FLEET + ("log_max_bytes",), 4096)],
+                 lambda c: (c.fleet.replicas, c.fleet.base_port, c.fleet.log_backups, c.fleet.log_max_bytes)
+                 == (64, 1, 0, 4096), id="fleet-bounds"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("restart",), {"initial_s": 5, "max_s": 5, "crash_loop_restarts": 0,
+                                                          "healthy_after_s": 0})],
+                 lambda c: c.fleet.restart == RestartConfig(5, 5, 0, 120, 0), id="fleet-restart-bounds"),
+    pytest.param([*MINIMAL_FLEET, (FLEET + ("flags",), ["--enable_model_warmup", "false",
+                                                        "-file_system_poll_wait_seconds", "5", "--grace_period_s=5"])],
+                 lambda c: c.fleet.flags == ("--enable_model_warmup", "false", "-file_system_poll_wait_seconds", "5",
+                                             "--grace_period_s=5"), id="fleet-flags-kept-as-given"),
 ])
 def test_valid(edits: list[tuple[tuple[str | int, ...], Any]], check: Any) -> None:
     assert check(parse(doc_with(*edits)))
@@ -177,6 +212,10 @@ POOLS_AND_ROUTES = "pools: {cpu: {backends: [{rest: '127.0.0.1:8601'}]}}\nroutes
                  id="yaml-1.1-boolean"),
     pytest.param("# comments only at the top\n---\ntls: {cert: c, key: k}\n", lambda c: c.tls.key == BASE_DIR / "k",
                  id="document-marker"),
+    pytest.param("tls: {cert: c, key: k}\nfleet: {pool: cpu, model_config_file: m, gpus: none, replicas: ~}\n",
+                 lambda c: (c.fleet.gpus, c.fleet.replicas) == ("none", None), id="fleet-unquoted-gpus-none"),
+    pytest.param("tls: {cert: c, key: k}\nfleet:\n  # all commented out\n", lambda c: c.fleet is None,
+                 id="empty-fleet-section-is-no-fleet"),
 ])
 def test_yaml_details(text: str, check: Any) -> None:
     assert check(parse_config(text + POOLS_AND_ROUTES, base_dir=BASE_DIR))
@@ -210,7 +249,7 @@ R0, SPLIT0 = ("routes", 0), ("routes", 0, "split", 0)
     ([(("tls", "key"), DELETE)], "tls.key: required key is missing"),
     ([(("tls", "key"), None)], "tls.key: required key is missing"),
     ([(("routes",), DELETE)], "routes: required key is missing"),
-    ([(CPU + ("backends",), DELETE)], "pools.cpu.backends: required key is missing"),
+    ([(CPU + ("backends",), DELETE)], f"pools.cpu.backends: {NO_BACKENDS}"),
     ([(("routes", 1, "pool"), DELETE)], "routes[1].pool: required key is missing"),
     ([(SPLIT0 + ("weight",), DELETE)], "routes[0].split[0].weight: required key is missing"),
     # wrong types and choices
@@ -236,7 +275,7 @@ R0, SPLIT0 = ("routes", 0), ("routes", 0, "split", 0)
     # empty collections
     ([(("pools",), {})], "pools: {} should be non-empty"),
     ([(("routes",), [])], "routes: [] should be non-empty"),
-    ([(CPU + ("backends",), [])], "pools.cpu.backends: [] should be non-empty"),
+    ([(CPU + ("backends",), [])], f"pools.cpu.backends: {NO_BACKENDS}"),
     # ranges: durations > 0, thresholds >= 1, percents in [0, 100], attempts >= 1, weights > 0, versions >= 0
     ([(("limits", "header_timeout_s"), 0)], "limits.header_timeout_s: 0 is less than or equal to the minimum of 0"),
     ([(("limits", "request_timeout_s"), -1)], "limits.request_timeout_s: -1 is less than or equal to the minimum of 0"),
@@ -292,6 +331,61 @@ R0, SPLIT0 = ("routes", 0), ("routes", 0, "split", 0)
     ([(CPU + ("backends", 1, "rest"), "127.0.0.1:8601")],
      "pools.cpu.backends[1].rest: 127.0.0.1:8601 is already pools.cpu.backends[0]"),
     ([(("listen", "admin"), "0.0.0.0:8443")], "listen.admin: 0.0.0.0:8443 is also listen.https"),
+    # the fleet: its pool, its required keys, unknown keys
+    ([*MINIMAL_FLEET, (FLEET + ("pool",), "gpu")], "fleet.pool: no pool named 'gpu' (pools: cpu)"),
+    ([(FLEET + ("pool",), "cpu")], "fleet.model_config_file: required key is missing"),
+    ([(FLEET + ("model_config_file",), "models.config")], "fleet.pool: required key is missing"),
+    ([*MINIMAL_FLEET, (FLEET + ("model_config_file",), "")], "fleet.model_config_file: '' should be non-empty"),
+    ([*MINIMAL_FLEET, (FLEET + ("replica",), 2)], "fleet.replica: unknown key (did you mean 'replicas'?)"),
+    ([*MINIMAL_FLEET, (FLEET + ("restart", "max"), 2)], "fleet.restart.max: unknown key (did you mean 'max_s'?)"),
+    # only the fleet's pool may have no backends
+    ([*MINIMAL_FLEET, (("pools", "gpu"), {})], f"pools.gpu.backends: {NO_BACKENDS}"),
+    ([*MINIMAL_FLEET, (("pools", "gpu"), {"backends": []})], f"pools.gpu.backends: {NO_BACKENDS}"),
+    ([*MINIMAL_FLEET, (FLEET + ("pool",), "gpu"), (("pools", "gpu"), {}), (CPU + ("backends",), DELETE)],
+     f"pools.cpu.backends: {NO_BACKENDS}"),
+    # the fleet's values
+    ([*MINIMAL_FLEET, (FLEET + ("gpus",), "some")], "fleet.gpus: 'some' is not valid under any of the given schemas"),
+    ([*MINIMAL_FLEET, (FLEET + ("gpus",), True)], "fleet.gpus: True is not valid under any of the given schemas"),
+    ([*MINIMAL_FLEET, (FLEET + ("gpus",), 0)], "fleet.gpus: 0 is not valid under any of the given schemas"),
+    ([*MINIMAL_FLEET, (FLEET + ("gpus",), [])], "fleet.gpus: [] should be non-empty"),
+    ([*MINIMAL_FLEET, (FLEET + ("gpus",), [-1])], "fleet.gpus[0]: -1 is less than the minimum of 0"),
+    ([*MINIMAL_FLEET, (FLEET + ("gpus",), [0, 0])], "fleet.gpus: [0, 0] has non-unique elements"),
+    ([*MINIMAL_FLEET, (FLEET + ("gpus",), [1.0])], "fleet.gpus[0]: 1.0 is not of type 'integer'"),
+    ([*MINIMAL_FLEET, (FLEET + ("replicas",), 0)], "fleet.replicas: 0 is less than the minimum of 1"),
+    ([*MINIMAL_FLEET, (FLEET + ("replicas",), 65)], "fleet.replicas: 65 is greater than the maximum of 64"),
+    ([*MINIMAL_FLEET, (FLEET + ("base_port",), 0)], "fleet.base_port: 0 is less than the minimum of 1"),
+    ([*MINIMAL_FLEET, (FLEET + ("base_port",), 70000)], "fleet.base_port: 70000 is greater than the maximum of 65532"),
+    ([*MINIMAL_FLEET, (FLEET + ("log_max_bytes",), 100)], "fleet.log_max_bytes: 100 is less than the minimum of 4096"),
+    ([*MINIMAL_FLEET, (FLEET + ("log_backups",), -1)], "fleet.log_backups: -1 is less than the minimum of 0"),
+    ([*MINIMAL_FLEET, (FLEET + ("ready_timeout_s",), 0)],
+     "fleet.ready_timeout_s: 0 is less than or equal to the minimum of 0"),
+    ([*MINIMAL_FLEET, (FLEET + ("stop_grace_s",), float("nan"))], "fleet.stop_grace_s: must be a finite number"),
+    ([*MINIMAL_FLEET, (FLEET + ("restart", "initial_s"), 0)],
+     "fleet.restart.initial_s: 0 is less than or equal to the minimum of 0"),
+    ([*MINIMAL_FLEET, (FLEET + ("restart", "initial_s"), 10), (FLEET + ("restart", "max_s"), 5)],
+     "fleet.restart.max_s: must be at least initial_s (10)"),
+    # the fleet's backend flags: a list of strings, none the fleet sets itself, all known to the backend
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), "--enable_model_warmup")],
+     "fleet.flags: '--enable_model_warmup' is not of type 'array'"),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), [""])], "fleet.flags[0]: '' should be non-empty"),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), ["--port=1"])],
+     "fleet.flags: --port is set by the fleet for each worker; remove it"),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), ["--model_config_file=x"])],
+     "fleet.flags: --model_config_file is set by the fleet for each worker; remove it"),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), ["--grace_period_s=5", "--rest_api_port", "1"])],
+     "fleet.flags: --rest_api_port is set by the fleet for each worker; remove it"),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), ["-enable_batching"])],
+     "fleet.flags: --enable_batching is set by the fleet for each worker; remove it"),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), ["--tensorflow_intra_op_parallelism=4"])],
+     "fleet.flags: --tensorflow_intra_op_parallelism is set by the fleet for each worker; remove it"),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), ["--no_such_flag=1"])],
+     "fleet.flags: unknown flag --no_such_flag (run with --help for the list)"),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), ["--rest_api_num_threads=4"])],
+     ("fleet.flags: --rest_api_num_threads is a TensorFlow Serving flag that tfgate's backend does not support yet")),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), ["--file_system_poll_wait_seconds=soon"])],
+     ("fleet.flags: bad value for --file_system_poll_wait_seconds: invalid literal for int() with base 10: 'soon'")),
+    ([*MINIMAL_FLEET, (FLEET + ("flags",), ["file_system_poll_wait_seconds=5"])],
+     ("fleet.flags: unexpected argument 'file_system_poll_wait_seconds=5': every argument is a --flag")),
 ])
 def test_invalid(edits: list[tuple[tuple[str | int, ...], Any]], message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -345,7 +439,8 @@ def test_listen_ports_may_be_zero_but_not_too_large() -> None:
     ("tls: {cert: c, key: k}\nroutes: [{model: '*', pool: cpu}]\npools: {8601: {backends: [{rest: 'h:1'}]}}\n",
      "pools: names here are non-empty strings, not 8601"),
     ("tls: {cert: c, key: k}\n1: one\n" + POOLS_AND_ROUTES,
-     "1: unknown key; known keys: listen, tls, limits, pools, routes, auth, rate_limits, expose_upstream_header"),
+     ("1: unknown key; known keys: listen, tls, limits, pools, routes, auth, rate_limits, expose_upstream_header, "
+      "fleet")),
     ("tls: {cert: c, key: k, cert: d}\n", "invalid YAML at line 1, column 24: duplicate key 'cert'"),
     ("tls: {cert: c}\n\x00\n", "invalid YAML at line 2, column 1: special characters are not allowed ('\\x00')"),
     ("tls: \t{cert: c}\x00\n", "invalid YAML at line 1, column 16: special characters are not allowed ('\\x00')"),
@@ -433,13 +528,89 @@ def test_redacted_ipv6_and_defaults() -> None:
     assert parse(data) == config
 
 
+# ---- the fleet ----------------------------------------------------------------------------------------------------
+
+
+def test_fleet_defaults() -> None:
+    assert parse(BASE).fleet is None
+    config = parse(doc_with(*MINIMAL_FLEET))
+    assert config.fleet == FleetConfig(pool="cpu", model_config_file=BASE_DIR / "models.config",
+                                       log_dir=BASE_DIR / "logs")
+    assert config.pools == DEFAULTS.pools  # the fleet's pool keeps its own backends too
+    fleet = config.fleet
+    assert (fleet.gpus, fleet.replicas, fleet.batching_parameters_file, fleet.base_port, fleet.flags) == \
+        ("auto", None, None, 8700, ())
+    assert (fleet.log_dir, fleet.log_max_bytes, fleet.log_backups) == (BASE_DIR / "logs", 10 * 1024 * 1024, 3)
+    assert (fleet.ready_timeout_s, fleet.stop_grace_s) == (300, 30)
+    assert fleet.restart == RestartConfig(initial_s=1, max_s=60, crash_loop_restarts=5, crash_loop_window_s=120,
+                                          healthy_after_s=60)
+
+
+def test_fleet_every_key_set_and_relative_paths_follow_base_dir() -> None:
+    config = parse(doc_with((FLEET, {
+        "pool": "cpu", "model_config_file": "models/models.config", "gpus": [0, 2], "replicas": 3,
+        "batching_parameters_file": "batching.config", "base_port": 9000,
+        "flags": ["--file_system_poll_wait_seconds=5", "--enable_model_warmup=false"],
+        "log_dir": "../logs", "log_max_bytes": 1048576, "log_backups": 7, "ready_timeout_s": 120.5, "stop_grace_s": 5,
+        "restart": {"initial_s": 0.5, "max_s": 30, "crash_loop_restarts": 3, "crash_loop_window_s": 60,
+                    "healthy_after_s": 10}})))
+    assert config.fleet == FleetConfig(
+        pool="cpu", model_config_file=BASE_DIR / "models/models.config", gpus=(0, 2), replicas=3,
+        batching_parameters_file=BASE_DIR / "batching.config", base_port=9000,
+        flags=("--file_system_poll_wait_seconds=5", "--enable_model_warmup=false"), log_dir=BASE_DIR / "../logs",
+        log_max_bytes=1048576, log_backups=7, ready_timeout_s=120.5, stop_grace_s=5,
+        restart=RestartConfig(initial_s=0.5, max_s=30, crash_loop_restarts=3, crash_loop_window_s=60,
+                              healthy_after_s=10))
+    assert isinstance(config.fleet.gpus, tuple) and isinstance(config.fleet.flags, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.fleet.restart.max_s = 1  # type: ignore[misc]
+
+
+def example_with_fleet_uncommented(*, optional_keys_too: bool) -> str:
+    """The example config with its commented-out `fleet:` block uncommented, as a reader would do; keys the block
+    leaves commented out a second time (`#   # replicas: 4`) are uncommented too when `optional_keys_too`."""
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    start = lines.index("# fleet:")
+    end = next((index for index in range(start, len(lines)) if not lines[index].startswith("# ")), len(lines))
+
+    def uncomment(line: str) -> str:
+        return "  " + line[6:] if optional_keys_too and line.startswith("#   # ") else line[2:]
+
+    return "\n".join([*lines[:start], *map(uncomment, lines[start:end]), *lines[end:]]) + "\n"
+
+
+def test_example_fleet_section_is_valid_once_uncommented(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config(EXAMPLE).fleet is None
+    # The documented values are the defaults, but for the ports (clear of the example's own backends) and the flags.
+    documented = FleetConfig(pool="cpu", model_config_file=tmp_path / "models.config", base_port=8700,
+                             flags=("--file_system_poll_wait_seconds=5",), log_dir=tmp_path / "logs")
+    assert parse_config(example_with_fleet_uncommented(optional_keys_too=False)).fleet == documented
+    assert parse_config(example_with_fleet_uncommented(optional_keys_too=True)).fleet == dataclasses.replace(
+        documented, replicas=4, batching_parameters_file=tmp_path / "batching.config")
+
+
+def test_redacted_fleet_is_json_and_parses_back() -> None:
+    config = parse(doc_with(*MINIMAL_FLEET, (CPU + ("backends",), DELETE), (FLEET + ("gpus",), [0, 2]),
+                            (FLEET + ("batching_parameters_file",), "batching.config"),
+                            (FLEET + ("flags",), ["--file_system_poll_wait_seconds=5"])))
+    data = orjson.loads(orjson.dumps(redacted(config)))
+    assert data["fleet"] == {
+        "pool": "cpu", "model_config_file": str(BASE_DIR / "models.config"), "gpus": [0, 2], "replicas": None,
+        "batching_parameters_file": str(BASE_DIR / "batching.config"), "base_port": 8700,
+        "flags": ["--file_system_poll_wait_seconds=5"], "log_dir": str(BASE_DIR / "logs"),
+        "log_max_bytes": 10485760, "log_backups": 3, "ready_timeout_s": 300, "stop_grace_s": 30,
+        "restart": {"initial_s": 1, "max_s": 60, "crash_loop_restarts": 5, "crash_loop_window_s": 120,
+                    "healthy_after_s": 60}}
+    assert data["pools"]["cpu"]["backends"] == []
+    del data["source"]
+    assert parse(data) == config
+    assert orjson.loads(orjson.dumps(redacted(parse(BASE))))["fleet"] is None
+
+
 # ---- auth and rate limits ------------------------------------------------------------------------------------------
 
 DIGEST = "a" * 64
-
-
-def parse(doc: dict[str, Any]) -> GatewayConfig:
-    return parse_config(yaml.safe_dump(doc), base_dir=BASE_DIR)
 
 
 def test_auth_is_required_by_default_with_no_credentials() -> None:
