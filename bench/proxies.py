@@ -68,8 +68,10 @@ class GatewayProcess(ServerProcess):
     """`python -m gateway --config WORK/gateway.yaml` for `document` (see gateway_config); ready when its admin
     `GET /readyz` answers 200. Access lines go to `access_log`, everything else to WORK/gateway.log."""
 
-    def __init__(self, document: Mapping[str, Any], work: Path, access_log: Path, grace_s: float = 1.0) -> None:
+    def __init__(self, document: Mapping[str, Any], work: Path, access_log: Path, grace_s: float = 1.0,
+                 env: Mapping[str, str] | None = None) -> None:
         self.config_path = work / "gateway.yaml"
+        self._env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
         self.config_path.write_text(yaml.safe_dump(dict(document)))
         self.access_log = access_log
         self.https_port = int(document["listen"]["https"].rpartition(":")[2])
@@ -84,8 +86,7 @@ class GatewayProcess(ServerProcess):
     def start(self) -> Self:
         with open(self._log_path, "wb") as log, open(self.access_log, "ab") as access:
             self.process = subprocess.Popen(self._command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=access,
-                                            stderr=log, start_new_session=True,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                            stderr=log, start_new_session=True, env=self._env)
         return self
 
     def wait_ready(self, timeout_s: float = 60.0) -> Self:
@@ -109,6 +110,10 @@ class GatewayProcess(ServerProcess):
     def backends(self) -> dict[str, Any]:
         """`GET /admin/backends`: every pool's backends with their state and request counts."""
         return self._get("/admin/backends")[1]["pools"]
+
+    def fleet(self) -> list[dict[str, Any]]:
+        """The fleet's workers from `GET /admin/backends` (pid, GPU, state, restarts)."""
+        return self._get("/admin/backends")[1]["fleet"]["workers"]
 
     def _get(self, path: str) -> tuple[int, Any]:
         """Status and JSON of an admin GET (the body as text if the status is an error)."""

@@ -45,7 +45,7 @@ async def serve(config: Path, grace_s: float,
         await asyncio.gather(starting, return_exceptions=True)
         await gateway.stop(0)
         stopping.cancel()
-        return 1
+        return 0  # a stop asked for and done cleanly
     error = starting.exception()
     if error is not None:
         stopping.cancel()

@@ -68,6 +68,7 @@ class Gateway:
         self._admin_server: HttpServer | None = None
         self._watchers: list[asyncio.Task[object]] = []
         self._stopping = False
+        self._serving = False  # the edge listens (not yet while the fleet loads)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -76,7 +77,7 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self._snapshot is not None and self._edge_server is not None and not self._stopping
+        return self._serving and not self._stopping
 
     @property
     def https_port(self) -> int:
@@ -114,6 +115,7 @@ class Gateway:
                 await self._wait_for_fleet(self.fleet)
             await self._edge_server.start(config.listen.https.host, config.listen.https.port,
                                           switching_context(lambda: self.snapshot.tls))
+            self._serving = True
         except OSError as error:
             await self.stop(0)
             raise StartupError(f"cannot listen: {error}") from None
