@@ -117,12 +117,15 @@ class HttpServer:
         self.deadlines = {_HEAD: header_timeout_s, _BODY: header_timeout_s, _NEXT: keepalive_timeout_s,
                           _LINGER: header_timeout_s}
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                    reuse_port: bool = False) -> None:
         """Listen on host:port (0: a free port); with `ssl_context`, TLS, whose handshake must finish within the
-        header timeout, so a client that stalls it cannot hold a connection."""
+        header timeout, so a client that stalls it cannot hold a connection. `reuse_port`: share the port with
+        other processes listening on it the same way (SO_REUSEPORT; the kernel spreads connections over them)."""
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: _Connection(self, loop), host, port, reuse_address=True, ssl=ssl_context,
+            lambda: _Connection(self, loop), host, port, reuse_address=True, reuse_port=reuse_port or None,
+            ssl=ssl_context,
             ssl_handshake_timeout=self.deadlines[_HEAD] if ssl_context is not None else None)
         self._port = self._listener.sockets[0].getsockname()[1]
 

@@ -12,6 +12,8 @@ with {"instances": [1.0, 2.0, 5.0]}. Three ways to reach it:
   (d) gateway, auth + rate limits   (b) with authentication required: every request carries an API key and
                passes three token buckets (the key's own, the default, the model's cap), all set high enough
                never to refuse, so the row shows what the checks cost
+  (e) gateway, 2 workers   (b) with `workers: 2`: a primary and two gateway processes sharing the port
+               (SO_REUSEPORT); its proxy CPU counts all three
 each driven by two closed loops from bench.load, one keep-alive connection per request in flight, each --seconds
 after --warmup: 1 in flight (latency) and 32 in flight (throughput). Printed with the issue's two targets, from
 this run only: gateway requests/s at 32 over nginx's (>= 0.9), and the p50 the gateway adds at 1 in flight over
@@ -65,7 +67,8 @@ CONCURRENCIES = (1, 32)
 LATENCY_CONCURRENCY, THROUGHPUT_CONCURRENCY = CONCURRENCIES
 THROUGHPUT_TARGET, ADDED_P50_TARGET_MS = 0.9, 0.3
 CONTENDERS = {"direct": "(a) direct, http", "gateway": "(b) tfgate gateway, https", "nginx": "(c) nginx, https",
-              "gateway_auth": "(d) tfgate gateway, https, auth + rate limits"}
+              "gateway_auth": "(d) tfgate gateway, https, auth + rate limits",
+              "gateway_2": "(e) tfgate gateway, https, 2 workers"}
 _UNLIMITED = {"per_second": 1e9, "burst": 1e9}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gateway-overhead.json"
 
@@ -110,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         with GatewayProcess(config, work, access_log) as gateway:
             results += _measure("gateway", gateway.wait_ready(), certs, backend, args)
         document["gateway_access_log_lines"] = sum(1 for _ in access_log.open("rb"))
+        two = gateway_config(certs, [backend_address], "round_robin", free_port(), free_port(), workers=2)
+        with GatewayProcess(two, work, work / "access-2.log") as gateway:
+            results += _measure("gateway_2", gateway.wait_ready(), certs, backend, args)
         key = secrets.token_urlsafe(24)
         config["auth"] = {"required": True, "admin_keys": config["auth"]["admin_keys"],
                           "api_keys": [{"name": "bench", "sha256": digest(key), "models": [MODEL],
@@ -184,6 +190,7 @@ def _targets(results: list[dict[str, Any]]) -> dict[str, Any]:
                       "nginx_p50_ms": p50_ms("nginx"), "nginx_added_ms": added("nginx")},
         "auth": {"throughput_ratio": ratio(requests_per_s("gateway_auth"), requests_per_s("gateway")),
                  "added_p50_ms": auth_added},
+        "workers": {"two_over_one": ratio(requests_per_s("gateway_2"), requests_per_s("gateway"))},
     }
 
 
@@ -217,5 +224,7 @@ def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipp
     print(f"auth + rate limits on / off: throughput at {throughput['concurrency']} = "
           f"{number(auth['throughput_ratio'], 3)}, p50 added at {added['concurrency']} connection = "
           f"{number(auth['added_p50_ms'], 3)} ms")
+    print(f"2 gateway workers / 1: throughput at {throughput['concurrency']} = "
+          f"{number(targets['workers']['two_over_one'], 3)}")
     print_errors((result["label"], result) for result in results)
     print(f"results: {args.out}", file=sys.stderr)

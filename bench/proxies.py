@@ -51,9 +51,11 @@ def nginx_version(nginx: str) -> str:
 
 
 def gateway_config(certs: CertPaths, backends: Sequence[str], balancer: str, https_port: int,
-                   admin_port: int) -> dict[str, Any]:
-    """One pool of `backends` (host:port) behind one catch-all route; everything else the gateway's defaults."""
+                   admin_port: int, workers: int = 1) -> dict[str, Any]:
+    """One pool of `backends` (host:port) behind one catch-all route; everything else the gateway's defaults, but
+    one process unless `workers` says otherwise (nginx here runs one worker too)."""
     return {
+        "workers": workers,
         "listen": {"https": f"{HOST}:{https_port}", "admin": f"{HOST}:{admin_port}"},
         "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key)},
         "pools": {"backends": {"balancer": balancer, "backends": [{"rest": backend} for backend in backends]}},

@@ -8,32 +8,39 @@ the admin API shows the config and reloads it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
 
 from backend.http_server import HttpRequest, HttpResponse
-from gateway.auth import AuthError
-from gateway.config import redacted
-from gateway.metrics import GatewayMetrics
-from gateway.snapshot import Snapshot
-from gateway.upstream import Upstreams
+from gateway.auth import Authenticator, AuthError
+from gateway.config import GatewayConfig, redacted
 
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapers carry no credentials
 
 
 class AdminTarget(Protocol):
+    """What the admin API shows and drives: one gateway process (gateway/app.py), or the primary of several
+    (gateway/primary.py), which answers for all of its workers."""
+
     @property
-    def snapshot(self) -> Snapshot: ...
+    def generation(self) -> int: ...
+
+    @property
+    def config(self) -> GatewayConfig: ...  # as the operator wrote it
+
+    @property
+    def authenticator(self) -> Authenticator: ...
 
     @property
     def ready(self) -> bool: ...
 
     async def reload(self, reason: str) -> tuple[bool, str]: ...
 
-    def describe_fleet(self) -> dict[str, object] | None: ...
+    async def backends_document(self) -> dict[str, Any]: ...
+
+    async def exposition(self) -> tuple[bytes, str]: ...
 
 
 def _json(status: int, document: Any) -> HttpResponse:
@@ -41,12 +48,8 @@ def _json(status: int, document: Any) -> HttpResponse:
 
 
 class Admin:
-    def __init__(self, target: AdminTarget, upstreams: Upstreams, metrics: GatewayMetrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, target: AdminTarget) -> None:
         self._target = target
-        self._upstreams = upstreams
-        self._metrics = metrics
-        self._clock = clock
         self._routes: dict[tuple[str, str], Callable[[], Awaitable[HttpResponse]]] = {
             ("GET", "/metrics"): self._exposition,
             ("GET", "/healthz"): self._live,
@@ -61,7 +64,7 @@ class Admin:
         route = self._routes.get((method, request.path))
         if route is not None and request.path not in _OPEN:
             try:
-                self._target.snapshot.authenticator.authenticate_admin(request.headers)
+                self._target.authenticator.authenticate_admin(request.headers)
             except AuthError as error:
                 return HttpResponse(status=401, body=orjson.dumps({"error": error.message}),
                                     headers=[("www-authenticate", error.challenge or 'Bearer realm="tfgate-admin"')])
@@ -72,7 +75,7 @@ class Admin:
         return await route()
 
     async def _exposition(self) -> HttpResponse:
-        body, content_type = self._metrics.exposition()
+        body, content_type = await self._target.exposition()
         return HttpResponse(status=200, body=body, content_type=content_type)
 
     async def _live(self) -> HttpResponse:
@@ -83,20 +86,16 @@ class Admin:
         return _json(200 if ready else 503, {"status": "ready" if ready else "not ready"})
 
     async def _backends(self) -> HttpResponse:
-        document: dict[str, object] = {"pools": self._upstreams.describe(self._clock())}
-        fleet = self._target.describe_fleet()
-        if fleet is not None:
-            document["fleet"] = fleet
-        return _json(200, document)
+        return _json(200, await self._target.backends_document())
 
     async def _config(self) -> HttpResponse:
-        snapshot = self._target.snapshot
-        return _json(200, {"generation": snapshot.generation, "source": snapshot.config.source,
-                           "config": redacted(snapshot.config)})
+        target = self._target
+        return _json(200, {"generation": target.generation, "source": target.config.source,
+                           "config": redacted(target.config)})
 
     async def _reload(self) -> HttpResponse:
         ok, message = await self._target.reload("admin request")
-        generation = self._target.snapshot.generation
+        generation = self._target.generation
         if ok:
             return _json(200, {"status": "applied", "generation": generation, "message": message})
         return _json(400, {"error": message, "generation": generation})

@@ -23,22 +23,30 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import watchfiles
+from typing import Any
 
 from backend.http_server import HttpServer, json_error_body
 from gateway.accesslog import AccessLog
 from gateway.admin import Admin
-from gateway.auth import AuthConfigError, Authenticator
-from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.fleet import Fleet
+from gateway.auth import Authenticator
+from gateway.config import GatewayConfig
+from gateway.fleet import FleetSection
 from gateway.guard import Guard
 from gateway.http_edge import Edge
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
+from gateway.reloading import (
+    READ_ERRORS,
+    ReadConfig,
+    read_config,
+    reload_config,
+    sighup_handler,
+    watch_config,
+)
 from gateway.routes import RouteTable
+from gateway.shared_buckets import SharedBuckets
 from gateway.snapshot import Snapshot
-from gateway.tls import TlsError, server_context, switching_context
+from gateway.tls import switching_context
 from gateway.upstream import Upstreams
 
 log = logging.getLogger("tfgate.gateway")
@@ -51,18 +59,21 @@ class StartupError(Exception):
 class Gateway:
     def __init__(self, config_path: Path, *, metrics: GatewayMetrics | None = None,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
-                 watch_file: bool = True, access_log: AccessLog | None = None) -> None:
+                 watch_file: bool = True, access_log: AccessLog | None = None, reuse_port: bool = False,
+                 rate_store: SharedBuckets | None = None) -> None:
         self.config_path = config_path
         self.access_log = access_log or AccessLog.to_stdout()
         self.metrics = metrics or GatewayMetrics()
         self._rng = rng or random.Random()
         self._clock = clock
         self._watch_file = watch_file
+        self._reuse_port = reuse_port  # a worker of gateway/primary.py: the port is shared with the other workers
+        self._rate_store = rate_store  # ... and so are the rate limits' buckets
         self.upstreams = Upstreams(self.metrics, self._rng, clock)
         self._limiter: RateLimiter | None = None  # made with the first config; reconfigured, never replaced
         self._snapshot: Snapshot | None = None
         self._declared: tuple[GatewayConfig, ssl.SSLContext, Authenticator] | None = None  # the config as written
-        self.fleet: Fleet | None = None
+        self._fleet = FleetSection(self._fleet_changed, self.metrics, self._rng, clock)
         self._reload_lock = asyncio.Lock()
         self._edge_server: HttpServer | None = None
         self._admin_server: HttpServer | None = None
@@ -74,6 +85,31 @@ class Gateway:
     def snapshot(self) -> Snapshot:
         assert self._snapshot is not None, "the gateway has not started"
         return self._snapshot
+
+    @property
+    def generation(self) -> int:
+        return self.snapshot.generation
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The config as the operator wrote it (the snapshot's also holds the fleet's workers)."""
+        assert self._declared is not None, "the gateway has not started"
+        return self._declared[0]
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self.snapshot.authenticator
+
+    async def backends_document(self) -> dict[str, Any]:
+        """GET /admin/backends: every pool's backends, and the fleet's workers when there is a fleet."""
+        document: dict[str, Any] = {"pools": self.upstreams.describe(self._clock())}
+        fleet = self._fleet.describe()
+        if fleet is not None:
+            document["fleet"] = fleet
+        return document
+
+    async def exposition(self) -> tuple[bytes, str]:
+        return self.metrics.exposition()
 
     @property
     def ready(self) -> bool:
@@ -91,19 +127,19 @@ class Gateway:
 
     async def start(self) -> None:
         try:
-            config, context, authenticator = await asyncio.to_thread(_read, self.config_path)
-        except (ConfigError, TlsError, AuthConfigError) as error:
+            config, context, authenticator = await asyncio.to_thread(read_config, self.config_path)
+        except READ_ERRORS as error:
             raise StartupError(str(error)) from None
-        self._limiter = RateLimiter(config.rate_limits)
+        self._limiter = RateLimiter(config.rate_limits, store=self._rate_store)
         self._install(config, context, authenticator, generation=1)
         try:
-            await self._apply_fleet(config)
+            await self._fleet.apply(config)
         except ValueError as error:  # the plan does not fit: e.g. too many workers for the port range
             raise StartupError(f"fleet: {error}") from None
         limits = config.limits
         guard = Guard(self._limiter, self.metrics, self._clock)
         edge = Edge(self, self.upstreams, guard, self.metrics, self.access_log, self._rng, self._clock)
-        admin = Admin(self, self.upstreams, self.metrics, self._clock)
+        admin = Admin(self)
         self._admin_server = HttpServer(admin.handle, max_body_bytes=64 * 1024,
                                         header_timeout_s=limits.header_timeout_s, error_body=json_error_body)
         self._edge_server = HttpServer(edge.handle, max_body_bytes=limits.max_body_bytes,
@@ -111,18 +147,19 @@ class Gateway:
                                        keepalive_timeout_s=limits.idle_timeout_s, error_body=json_error_body)
         try:
             await self._admin_server.start(config.listen.admin.host, config.listen.admin.port)
-            if self.fleet is not None:
-                await self._wait_for_fleet(self.fleet)
+            await self._fleet.wait_ready()
             await self._edge_server.start(config.listen.https.host, config.listen.https.port,
-                                          switching_context(lambda: self.snapshot.tls))
+                                          switching_context(lambda: self.snapshot.tls), reuse_port=self._reuse_port)
             self._serving = True
         except OSError as error:
             await self.stop(0)
             raise StartupError(f"cannot listen: {error}") from None
         if self._watch_file:
-            self._watchers.append(asyncio.create_task(self._watch(), name="config watcher"))
+            watcher = asyncio.create_task(watch_config(self.config_path, self.reload), name="config watcher")
+            self._watchers.append(watcher)
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+            on_sighup = sighup_handler(self._watchers, self.reload)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
         except (RuntimeError, ValueError):  # not the main thread: SIGHUP reloads only work in the process's main loop
             pass
         log.info("tfgate gateway: https on %s:%d, admin on http://%s:%d, config %s", config.listen.https.host,
@@ -152,93 +189,27 @@ class Gateway:
         self.upstreams.apply(pools, config.limits.request_timeout_s)
 
     def _with_fleet(self, config: GatewayConfig) -> GatewayConfig:
-        if self.fleet is None or config.fleet is None:
-            return config
-        pool = config.pools[config.fleet.pool]
-        pools = {**config.pools, pool.name: dataclasses.replace(pool, backends=pool.backends + self.fleet.backends())}
-        return dataclasses.replace(config, pools=pools)
+        members = self._fleet.members(config)
+        pools = {**config.pools, **{name: dataclasses.replace(config.pools[name],
+                                                             backends=config.pools[name].backends + backends)
+                                    for name, backends in members.items()}}
+        return dataclasses.replace(config, pools=pools) if members else config
 
     def _fleet_changed(self) -> None:
         """A worker joined or left: the same config, with the fleet's members as they are now."""
         if self._snapshot is not None:
             self._swap(self._snapshot.generation)
 
-    async def _apply_fleet(self, config: GatewayConfig) -> None:
-        """Start, change or stop the fleet as `config` says; a change rolls in the background (gateway/fleet.py)."""
-        if config.fleet is None:
-            if self.fleet is not None:
-                fleet, self.fleet = self.fleet, None
-                self._fleet_changed()
-                await fleet.stop()
-        elif self.fleet is None:
-            pool = config.pools[config.fleet.pool]
-            self.fleet = Fleet(config.fleet, health_path=pool.health_check.path, on_change=self._fleet_changed,
-                               metrics=self.metrics, rng=self._rng, clock=self._clock)
-            await self.fleet.start()
-        else:
-            await self.fleet.reconfigure(config.fleet)
-
-    async def _wait_for_fleet(self, fleet: Fleet) -> None:
-        log.info("waiting for the fleet's workers to load their models (up to %.0f s) ...",
-                 fleet.config.ready_timeout_s)
-        started = self._clock()
-        if await fleet.wait_ready(fleet.config.ready_timeout_s):
-            states = [worker["state"] for worker in fleet.describe()]
-            log.info("fleet: %d of %d worker(s) ready after %.1f s", states.count("ready"), len(states),
-                     self._clock() - started)
-        else:
-            log.warning("fleet: not every worker is ready after %.0f s; serving with those that are",
-                        fleet.config.ready_timeout_s)
-
-    def describe_fleet(self) -> dict[str, object] | None:
-        """The fleet's workers for GET /admin/backends; None without a fleet."""
-        if self.fleet is None:
-            return None
-        return {"pool": self.fleet.config.pool, "workers": self.fleet.describe()}
-
     async def reload(self, reason: str) -> tuple[bool, str]:
         """Apply the config file as it is now; (applied, message). See the module docstring."""
         async with self._reload_lock:
-            current = self.snapshot
-            try:
-                config, context, authenticator = await asyncio.to_thread(_read, self.config_path)
-                if config.listen != current.config.listen:
-                    raise ConfigError(f"listen: changed from {_listen(current.config)} to {_listen(config)}; "
-                                      "a new listen address needs a restart")
-                if config.tls.client_cert != current.config.tls.client_cert:
-                    # The listener's TLS context keeps the verify mode it started with (OpenSSL does not take it
-                    # from the context a connection switches to), so this change would not apply: refuse it.
-                    raise ConfigError("tls.client_cert: asking clients for certificates (or not) needs a restart")
-            except (ConfigError, TlsError, AuthConfigError) as error:
-                self.metrics.reloaded(False)
-                log.error("config reload (%s) rejected, still serving generation %d: %s", reason,
-                          current.generation, error)
-                return False, f"config rejected, still serving generation {current.generation}: {error}"
-            try:
-                await self._apply_fleet(config)
-            except ValueError as error:
-                self.metrics.reloaded(False)
-                log.error("config reload (%s) rejected, still serving generation %d: fleet: %s", reason,
-                          current.generation, error)
-                return False, f"config rejected, still serving generation {current.generation}: fleet: {error}"
-            self._install(config, context, authenticator, current.generation + 1)
-            self.metrics.reloaded(True)
-            log.info("config reload (%s): generation %d applied from %s", reason, current.generation + 1,
-                     self.config_path)
-            return True, f"generation {current.generation + 1} applied"
+            return await reload_config(self.config_path, self.config, self.generation, reason, self.metrics,
+                                       self._fleet, self._install_next)
 
-    def _on_sighup(self) -> None:
-        task = asyncio.create_task(self.reload("SIGHUP"), name="SIGHUP reload")
-        self._watchers.append(task)
-        task.add_done_callback(self._watchers.remove)
-
-    async def _watch(self) -> None:
-        """Reload when the config file changes; watches its directory, since editors replace files by rename."""
-        target = self.config_path.resolve()
-        async for changes in watchfiles.awatch(target.parent, debounce=200, step=50,
-                                               watch_filter=lambda _change, path: Path(path).resolve() == target):
-            if changes and target.exists():
-                await self.reload("file changed")
+    async def _install_next(self, read: ReadConfig) -> str:
+        generation = self.generation + 1
+        self._install(*read, generation)
+        return f"generation {generation} applied"
 
     async def stop(self, grace_s: float) -> None:
         """Graceful stop; see the module docstring."""
@@ -255,17 +226,6 @@ class Gateway:
         await asyncio.gather(*watchers, return_exceptions=True)
         if self._admin_server is not None:
             await self._admin_server.shutdown(0)
-        if self.fleet is not None:
-            await self.fleet.stop()
+        await self._fleet.stop()
         await self.upstreams.close()
         self.access_log.flush()
-
-
-def _read(path: Path) -> tuple[GatewayConfig, ssl.SSLContext, Authenticator]:
-    """Everything a snapshot needs from files: off the event loop, since it reads the config, certificates and JWKS."""
-    config = load_config(path)
-    return config, server_context(config.tls), Authenticator.from_config(config.auth)
-
-
-def _listen(config: GatewayConfig) -> str:
-    return f"https {config.listen.https}, admin {config.listen.admin}"

@@ -205,6 +205,7 @@ class GatewayConfig:
     rate_limits: RateLimits = RateLimits()
     expose_upstream_header: bool = False
     fleet: FleetConfig | None = None  # backends the gateway starts and supervises itself (gateway/fleet.py)
+    workers: int | Literal["auto"] = "auto"  # gateway processes on the same port; auto: one per core
     source: str = "<text>"
 
     def __post_init__(self) -> None:
@@ -245,6 +246,25 @@ def load_config(path: Path) -> GatewayConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     return parse_config(text, source=str(path))
+
+
+def worker_document(path: Path, *, https: HostPort, backends: Mapping[str, tuple[Backend, ...]],
+                    admin_key: AdminKey) -> str:
+    """The config file of one gateway worker (gateway/primary.py), from the operator's file as it is now: one
+    process (`workers: 1`) on the https port the primary resolved, its admin API on a free loopback port, no fleet
+    (the primary runs it), the fleet's ready members added to their pool's backends, and the primary's own admin
+    key, with which it reloads the worker and reads its state. Everything else is the operator's, unchanged."""
+    doc = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    doc["workers"] = 1
+    doc.pop("fleet", None)
+    doc["listen"] = {**(doc.get("listen") or {}), "https": str(https), "admin": "127.0.0.1:0"}
+    for pool, extra in backends.items():
+        pool_doc = doc["pools"][pool] = doc["pools"][pool] or {}
+        pool_doc["backends"] = [*(pool_doc.get("backends") or []),
+                                *({"rest": str(b.rest), **({"grpc": str(b.grpc)} if b.grpc else {})} for b in extra)]
+    auth = doc["auth"] = doc.get("auth") or {}
+    auth["admin_keys"] = [*(auth.get("admin_keys") or []), {"name": admin_key.name, "sha256": admin_key.sha256}]
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def redacted(config: GatewayConfig) -> dict[str, Any]:
@@ -289,7 +309,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_RATE = schema_object({"per_second": DURATION, "burst": {"type": "number", "minimum": 1}}, required=("per_second", "burst"))
+_RATE = schema_object({"per_second": DURATION, "burst": {"type": "number", "minimum": 1}},
+                      required=("per_second", "burst"))
 _RATES = {"type": "object", "propertyNames": {"type": "string", "minLength": 1}, "additionalProperties": _RATE}
 _DIGEST = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"}
@@ -355,12 +376,14 @@ _SCHEMA = schema_object({
                            "items": {"enum": list(JWT_ALGORITHMS)}},
             "leeway_s": {"type": "number", "minimum": 0, "maximum": 300}, "rate": _RATE,
         }, required=("issuer", "audience", "jwks_file")),
-        "client_certs": {"type": "array", "items": schema_object({"subject": STRING, **_GRANTS}, required=("subject",))},
+        "client_certs": {"type": "array",
+                         "items": schema_object({"subject": STRING, **_GRANTS}, required=("subject",))},
         "admin_keys": {"type": "array", "items": schema_object({"name": _NAME, "sha256": _DIGEST},
                                                          required=("name", "sha256"))},
     }),
     "rate_limits": schema_object({"default": _RATE, "models": _RATES}),
     "expose_upstream_header": {"type": "boolean"},
+    "workers": {"oneOf": [{"const": "auto"}, {"type": "integer", "minimum": 1, "maximum": 256}]},
     "fleet": FLEET_SCHEMA,
 }, required=("tls", "pools", "routes"))
 
@@ -477,7 +500,7 @@ def _build(doc: dict[str, Any], source: str, base_dir: Path) -> GatewayConfig:
     return GatewayConfig(tls=tls, pools=pools, routes=_routes(doc["routes"], pools), listen=listen,
                          limits=Limits(**doc.get("limits", {})), auth=auth, rate_limits=rate_limits,
                          expose_upstream_header=doc.get("expose_upstream_header", False), fleet=fleet,
-                         source=source)
+                         workers=doc.get("workers", "auto"), source=source)
 
 
 def _one_pool_per_backend(pools: Mapping[str, Pool]) -> None:

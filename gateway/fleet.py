@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.config import Backend, HostPort
+from gateway.config import Backend, GatewayConfig, HostPort
 from gateway.config_fleet import FleetConfig
 from gateway.devices import Gpu, detect_gpus, run_command
 from gateway.fleet_plan import Worker, free_pair, plan_workers, port_flags, port_pair
@@ -245,7 +245,7 @@ class Fleet:
         self._on_change()
         await asyncio.gather(process.pump, return_exceptions=True)
         log.error("fleet: worker %d (pid %d) exited with %s; see %s", slot.worker.index, process.process.pid,
-                  _exit_text(process.process.returncode), self._log_path(slot.worker.index))
+                  exit_text(process.process.returncode), self._log_path(slot.worker.index))
 
     async def _after_crash(self, slot: _Slot) -> None:
         """Wait out the backoff, or, once the policy gave up, until a config change revives the worker."""
@@ -292,7 +292,7 @@ class Fleet:
         else:
             await asyncio.gather(process.pump, return_exceptions=True)
             log.error("fleet: worker %d (pid %d) exited with %s before it was ready; see %s", slot.worker.index,
-                      process.process.pid, _exit_text(process.process.returncode), self._log_path(slot.worker.index))
+                      process.process.pid, exit_text(process.process.returncode), self._log_path(slot.worker.index))
         return None
 
     async def _spawn(self, slot: _Slot) -> _Process:
@@ -306,7 +306,7 @@ class Fleet:
         env = {**self._environ, **slot.worker.env, "PYTHONUNBUFFERED": "1"}
         child = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent)
         pinned = " ".join(f"{name}={value}" for name, value in slot.worker.env.items())
         _write(slot.log, f"---- tfgate fleet: worker {slot.worker.index} pid {child.pid} started: {pinned} "
                          f"{' '.join(command)}")
@@ -390,13 +390,73 @@ def _write(handler: logging.Handler, line: str) -> None:
     handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
 
 
-def _exit_text(code: int | None) -> str:
+def exit_text(code: int | None) -> str:
     if code is not None and code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"status {code}"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: SIGTERM it when the gateway dies, even by SIGKILL (Linux; elsewhere a no-op)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class FleetSection:
+    """The fleet a gateway runs as its config's `fleet:` section says: none, started, changed or stopped on each
+    apply. Shared by the one-process gateway (gateway/app.py) and the primary of several (gateway/primary.py)."""
+
+    def __init__(self, on_change: Callable[[], None], metrics: GatewayMetrics, rng: random.Random,
+                 clock: Callable[[], float]) -> None:
+        self.fleet: Fleet | None = None
+        self._on_change = on_change
+        self._metrics = metrics
+        self._rng = rng
+        self._clock = clock
+
+    async def apply(self, config: GatewayConfig) -> None:
+        """Start, change or stop the fleet; a change rolls in the background. ValueError: the plan does not fit."""
+        if config.fleet is None:
+            if self.fleet is not None:
+                fleet, self.fleet = self.fleet, None
+                self._on_change()
+                await fleet.stop()
+        elif self.fleet is None:
+            pool = config.pools[config.fleet.pool]
+            self.fleet = Fleet(config.fleet, health_path=pool.health_check.path, on_change=self._on_change,
+                               metrics=self._metrics, rng=self._rng, clock=self._clock)
+            await self.fleet.start()
+        else:
+            await self.fleet.reconfigure(config.fleet)
+
+    def members(self, config: GatewayConfig) -> dict[str, tuple[Backend, ...]]:
+        """The fleet's ready workers by the pool they join ({} without a fleet)."""
+        if self.fleet is None or config.fleet is None:
+            return {}
+        return {config.fleet.pool: self.fleet.backends()}
+
+    def describe(self) -> dict[str, object] | None:
+        """For GET /admin/backends; None without a fleet."""
+        if self.fleet is None:
+            return None
+        return {"pool": self.fleet.config.pool, "workers": self.fleet.describe()}
+
+    async def wait_ready(self) -> None:
+        """Before serving: until every worker is ready or given up, within the fleet's ready timeout."""
+        fleet = self.fleet
+        if fleet is None:
+            return
+        log.info("waiting for the fleet's workers to load their models (up to %.0f s) ...",
+                 fleet.config.ready_timeout_s)
+        started = self._clock()
+        if await fleet.wait_ready(fleet.config.ready_timeout_s):
+            states = [worker["state"] for worker in fleet.describe()]
+            log.info("fleet: %d of %d worker(s) ready after %.1f s", states.count("ready"), len(states),
+                     self._clock() - started)
+        else:
+            log.warning("fleet: not every worker is ready after %.0f s; serving with those that are",
+                        fleet.config.ready_timeout_s)
+
+    async def stop(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.stop()

@@ -29,6 +29,18 @@ a bucket. A bucket whose scope no longer has a rate is dropped when a request sh
 
 Guarantees: never more than burst + per_second × t admitted per bucket over any t seconds; levels change only
 through `check` / `take` with the `now` given; a clock that steps back adds no tokens.
+
+Shared mode (`store=SharedBuckets`, for `workers: N`): the buckets live in a file every worker maps (see
+`gateway.shared_buckets`), so a principal's 40/s is 40/s in total whichever worker its connections land on. A `check`
+holds the file's lock throughout (one flock pair): it reads its buckets from their slots into `TokenBucket`s, decides
+with the same code as above and writes them back, so the all-or-nothing take is atomic across processes and the
+guarantees hold for the sum over all workers. `now` must be one clock for all of them: time.monotonic() is
+system-wide on Linux; a worker whose reading lags another's earns nothing for the overlap. The bound is the smaller
+of `max_buckets` and what the file holds (3/4 of its slots); eviction is the same policy, in LRU order by a use
+counter in the file, and holds the lock for one pass over the file. A reload runs in each worker from its own
+config: levels are shared and kept, and `reconfigure` drops the file's model buckets whose cap is gone, so the first
+worker to reload drops them for all. Without a store the buckets are this process's own, with no lock. The limiter
+does not own the store: whoever opened it closes it.
 """
 
 from __future__ import annotations
@@ -37,9 +49,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
+
+from gateway.shared_buckets import SharedBuckets, Slot
 
 Scope = Literal["principal", "principal_model", "model", ""]
+_Key = tuple[Scope, str, str]  # (scope, principal, model)
+_TAGS: Mapping[Scope, int] = {"principal": 1, "principal_model": 2, "model": 3}  # a scope's tag in the shared file
 
 # Refills add float fractions (1/3 + 1/3 + 1/3 < 1.0): without this slack a token that is due would be refused.
 _EPSILON = 1e-9
@@ -76,16 +92,37 @@ class Decision:
 _NO_LIMIT = Decision(allowed=True, limit=0, remaining=0, reset_s=0, retry_after_s=0, scope="")
 
 
+class _StoredRate(NamedTuple):
+    """The rate a shared bucket was last tuned to, as its slot holds it."""
+
+    per_second: float
+    burst: float
+
+
 class TokenBucket:
+    __slots__ = ("_at", "_level", "_rate")
+
     def __init__(self, rate: RateLike, now: float) -> None:
         """Starts full: a new client may send its burst at once."""
         self._rate = rate
         self._level = float(rate.burst)
         self._at = now
 
+    @classmethod
+    def restore(cls, rate: RateLike, level: float, at: float) -> TokenBucket:
+        """A bucket as saved (a shared slot): `level` tokens at time `at`."""
+        bucket = cls.__new__(cls)
+        bucket._rate, bucket._level, bucket._at = rate, level, at
+        return bucket
+
     @property
     def rate(self) -> RateLike:
         return self._rate
+
+    @property
+    def saved(self) -> tuple[float, float]:
+        """(level, at): what `restore` takes back."""
+        return self._level, self._at
 
     def tokens(self, now: float) -> float:
         return min(self._rate.burst, self._level + max(now - self._at, 0.0) * self._rate.per_second)
@@ -103,6 +140,12 @@ class TokenBucket:
         self._refill(now)
         self._rate = rate
         self._level = min(self._level, rate.burst)
+
+    def follow(self, rate: RateLike, now: float) -> TokenBucket:
+        """Retune if the rate's values changed (a reload rebuilds equal rates: those change nothing)."""
+        if (self._rate.per_second, self._rate.burst) != (rate.per_second, rate.burst):
+            self.retune(rate, now)
+        return self
 
     def is_full(self, now: float) -> bool:
         return self.tokens(now) >= self._rate.burst - _EPSILON
@@ -129,38 +172,153 @@ def _ceil_s(seconds: float) -> int:
     return max(math.ceil(seconds - _EPSILON), 0)
 
 
+class _LocalBuckets(OrderedDict[_Key, TokenBucket]):
+    """This process's buckets, least recently used first: no lock, nothing to write back."""
+
+    def bucket(self, key: _Key, rate: RateLike, now: float) -> TokenBucket:
+        bucket = self.get(key)
+        if bucket is None:
+            bucket = self[key] = TokenBucket(rate, now)
+            return bucket
+        self.move_to_end(key)
+        return bucket.follow(rate, now)
+
+    def evict(self, now: float, target: int) -> None:
+        for key in [key for key, bucket in self.items() if bucket.is_full(now)]:
+            del self[key]
+        while len(self) > target:
+            self.popitem(last=False)
+
+    def drop_models(self, models: Mapping[str, RateLike]) -> None:
+        for key in [key for key in self if key[0] == "model" and key[2] not in models]:
+            del self[key]
+
+
+class _SharedStore:
+    """Buckets in the shared file, with the same methods as `_LocalBuckets`. Used under `lock` only: a check's
+    buckets are read from their slots, and written back (removals done) by `flush` before the lock is released."""
+
+    def __init__(self, table: SharedBuckets) -> None:
+        self.table = table
+        self.lock = table.lock
+        self._hashes: dict[_Key, int] = {}
+        self._found: dict[_Key, int] = {}  # slots `in` looked up this check, until slots move
+        self._fetched: list[tuple[int, TokenBucket]] = []  # (slot, bucket) of this check
+        self._removed: list[int] = []  # hashes; removed in `flush`: removal moves slots, the fetched ones included
+
+    def __contains__(self, key: _Key) -> bool:
+        slot = self._found[key] = self.table.find(self._hash(key))
+        return slot >= 0
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def pop(self, key: _Key, default: None) -> None:
+        self._removed.append(self._hash(key))
+
+    def bucket(self, key: _Key, rate: RateLike, now: float) -> TokenBucket:
+        table = self.table
+        slot = self._found.pop(key, None)
+        if slot is None:
+            slot = table.find(self._hash(key))
+        if slot < 0:
+            slot = table.insert(self._hash(key), rate.burst, now, rate.per_second, rate.burst)
+            bucket = TokenBucket(rate, now)
+        else:
+            level, at, per_second, burst = table.use(slot)
+            bucket = TokenBucket.restore(_StoredRate(per_second, burst), level, at).follow(rate, now)
+        self._fetched.append((slot, bucket))
+        return bucket
+
+    def flush(self) -> None:
+        table = self.table
+        for slot, bucket in self._fetched:
+            table.write(slot, *bucket.saved, bucket.rate.per_second, bucket.rate.burst)
+        for key_hash in self._removed:
+            slot = table.find(key_hash)
+            if slot >= 0:
+                table.delete(slot)
+        self._found.clear()
+        self._fetched.clear()
+        self._removed.clear()
+
+    def evict(self, now: float, target: int) -> None:
+        def full(slot: Slot) -> bool:
+            return TokenBucket.restore(_StoredRate(slot.per_second, slot.burst), slot.tokens, slot.stamp).is_full(now)
+
+        self._found.clear()
+        self.table.drop(full, keep=target)
+
+    def drop_models(self, models: Mapping[str, RateLike]) -> None:
+        kept = {self.table.key_hash(_TAGS["model"], "", model) for model in models}
+        self.table.drop(lambda slot: SharedBuckets.tag(slot.key_hash) == _TAGS["model"] and slot.key_hash not in kept)
+
+    def _hash(self, key: _Key) -> int:
+        key_hash = self._hashes.get(key)
+        if key_hash is None:
+            if len(self._hashes) >= 4096:  # bounded like the buckets: recomputing is cheap
+                self._hashes.clear()
+            key_hash = self._hashes[key] = self.table.key_hash(_TAGS[key[0]], key[1], key[2])
+        return key_hash
+
+
 class RateLimiter:
-    def __init__(self, limits: RateLimitsLike, max_buckets: int = 100_000) -> None:
+    def __init__(self, limits: RateLimitsLike, max_buckets: int = 100_000, *, store: SharedBuckets | None = None
+                 ) -> None:
+        """`store`: keep the buckets in that shared file (every worker's limiter on one file shares them)."""
         self._limits = limits
-        self._max_buckets = max_buckets
-        # (scope, principal, model) -> bucket, least recently used first
-        self._buckets: OrderedDict[tuple[Scope, str, str], TokenBucket] = OrderedDict()
+        self._shared = None if store is None else _SharedStore(store)
+        self._store: _LocalBuckets | _SharedStore = _LocalBuckets() if self._shared is None else self._shared
+        self._max_buckets = max_buckets if store is None else min(max_buckets, store.max_buckets)
 
     def reconfigure(self, limits: RateLimitsLike) -> None:
         """On reload: levels are kept; changed rates are retuned on next use; model buckets whose cap is gone go."""
         self._limits = limits
-        for key in [key for key in self._buckets if key[0] == "model" and key[2] not in limits.models]:
-            del self._buckets[key]
+        if self._shared is None:
+            self._store.drop_models(limits.models)
+            return
+        with self._shared.lock:
+            self._shared.drop_models(limits.models)
 
     def check(
         self, principal: str, principal_rate: RateLike | None, model_rates: Mapping[str, RateLike], model: str,
         now: float,
     ) -> Decision:
         """Admit the request and take one token from every applicable bucket, or refuse it and take none."""
-        wanted: tuple[tuple[tuple[Scope, str, str], RateLike | None], ...] = (
+        wanted: tuple[tuple[_Key, RateLike | None], ...] = (
             (("principal", principal, ""), principal_rate if principal_rate is not None else self._limits.default),
             (("principal_model", principal, model), model_rates.get(model)),
             (("model", "", model), self._limits.models.get(model)),
         )
-        new = sum(rate is not None and key not in self._buckets for key, rate in wanted)
-        if len(self._buckets) + new > self._max_buckets:
-            self._evict(now, room=new)  # before fetching: a bucket of this request must not be dropped midway
+        shared = self._shared
+        if shared is None:
+            return self._check(self._store, wanted, now)
+        with shared.lock:
+            try:
+                return self._check(shared, wanted, now)
+            finally:
+                shared.flush()
+
+    def __len__(self) -> int:
+        """Buckets held (bounded by max_buckets); in shared mode, all workers' buckets."""
+        if self._shared is None:
+            return len(self._store)
+        with self._shared.lock:
+            return len(self._shared)
+
+    def _check(self, store: _LocalBuckets | _SharedStore, wanted: tuple[tuple[_Key, RateLike | None], ...],
+               now: float) -> Decision:
+        new = sum(rate is not None and key not in store for key, rate in wanted)
+        if len(store) + new > self._max_buckets:
+            # before fetching: a bucket of this request must not be dropped midway. Full buckets go first (lossless),
+            # then the least recently used, down to 90% of the bound (less room for this request's new ones)
+            store.evict(now, target=max(self._max_buckets - max(self._max_buckets // 10, new), 0))
         buckets: list[tuple[Scope, TokenBucket]] = []
         for key, rate in wanted:
             if rate is None:
-                self._buckets.pop(key, None)  # this scope lost its rate (a reload): its old bucket is stale
+                store.pop(key, None)  # this scope lost its rate (a reload): its old bucket is stale
             else:
-                buckets.append((key[0], self._bucket(key, rate, now)))
+                buckets.append((key[0], store.bucket(key, rate, now)))
         if not buckets:
             return _NO_LIMIT
         refusing = [(scope, bucket) for scope, bucket in buckets if bucket.tokens(now) < 1.0 - _EPSILON]
@@ -171,25 +329,3 @@ class RateLimiter:
             bucket.take(now)
         scope, bucket = min(buckets, key=lambda item: item[1].tokens(now))
         return bucket.decision(True, scope, now)
-
-    def __len__(self) -> int:
-        """Buckets held (bounded by max_buckets)."""
-        return len(self._buckets)
-
-    def _bucket(self, key: tuple[Scope, str, str], rate: RateLike, now: float) -> TokenBucket:
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(rate, now)
-            return bucket
-        self._buckets.move_to_end(key)
-        if (bucket.rate.per_second, bucket.rate.burst) != (rate.per_second, rate.burst):
-            bucket.retune(rate, now)
-        return bucket
-
-    def _evict(self, now: float, room: int) -> None:
-        """Drop full buckets (lossless), then the least recently used, down to 90% of the bound (less `room`)."""
-        for key in [key for key, bucket in self._buckets.items() if bucket.is_full(now)]:
-            del self._buckets[key]
-        target = max(self._max_buckets - max(self._max_buckets // 10, room), 0)
-        while len(self._buckets) > target:
-            self._buckets.popitem(last=False)

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gateway.__main__ import configure_logging, serve
+    from gateway.__main__ import Running, configure_logging, serve
 
     configure_logging()
     home: Path = args.home.resolve()
@@ -95,14 +95,11 @@ def run(args: argparse.Namespace) -> int:
         if not tls.cert.exists() and not tls.key.exists():
             write_dev_certs(tls.cert.parent)
 
-    def on_ready(gateway: object) -> None:
-        from gateway.app import Gateway
-
-        assert isinstance(gateway, Gateway)
+    def on_ready(gateway: Running) -> None:
         endpoint = f"https://localhost:{gateway.https_port}"
         admin = f"http://127.0.0.1:{gateway.admin_port}"
         (state / "up.json").write_text(json.dumps({"endpoint": endpoint, "admin": admin, "pid": os.getpid()}))
-        ca = gateway.snapshot.config.tls.cert.parent / "ca.pem"
+        ca = gateway.config.tls.cert.parent / "ca.pem"
         print(_banner(endpoint, ca, new_api_key), flush=True)
 
     try:

@@ -180,10 +180,11 @@ def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo
     printed, report = run_bench("gateway-overhead", out, "0.5", *extra)
     contenders = {result["contender"] for result in report["results"]}
     if "nginx" in report["skipped"]:  # nginx not installed here, or "missing"
-        assert contenders == {"direct", "gateway", "gateway_auth"} and report["targets"]["throughput"]["met"] is None
+        assert contenders == {"direct", "gateway", "gateway_auth", "gateway_2"}
+        assert report["targets"]["throughput"]["met"] is None
         assert "(c) nginx, https: skipped: " in printed
     else:
-        assert nginx == "found" and contenders == {"direct", "gateway", "gateway_auth", "nginx"}
+        assert nginx == "found" and contenders == {"direct", "gateway", "gateway_auth", "gateway_2", "nginx"}
         assert report["nginx"]["version"] and report["targets"]["throughput"]["met"] in (True, False)
     assert {result["key"] for result in report["results"]} == {f"{name}_{n}" for name in contenders for n in (1, 32)}
     for result in report["results"]:
@@ -198,6 +199,7 @@ def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo
     assert out.with_suffix(".png").stat().st_size > 0
     assert "gateway throughput / nginx throughput at 32 = " in printed
     assert "gateway added p50 at 1 connection = gateway p50 - direct p50 = " in printed
+    assert report["targets"]["workers"]["two_over_one"] > 0 and "2 gateway workers / 1: throughput at 32 = " in printed
     assert report["targets"]["auth"]["throughput_ratio"] is not None  # (d): every request was authenticated
     assert "auth + rate limits on / off: throughput at 32 = " in printed
 

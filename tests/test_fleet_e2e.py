@@ -25,6 +25,7 @@ from bench.backend_process import HOST, REPO
 from bench.proxies import ADMIN_KEY, GatewayProcess, gateway_config
 from gateway.certs import CertPaths
 from tests.gateway_support import MODEL
+from tests.process_support import alive, process_environ, wait_for
 
 PREDICT = f"/v1/models/{MODEL}:predict"
 POOL = "backends"  # bench.proxies.gateway_config's one pool
@@ -62,30 +63,6 @@ def fake_nvidia_smi(directory: Path, gpus: int) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name != "CUDA_VISIBLE_DEVICES"}
     env["PATH"] = f"{directory}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def process_environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    return dict(entry.split("=", 1) for entry in raw.decode(errors="replace").split("\0") if "=" in entry)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
 @pytest.fixture

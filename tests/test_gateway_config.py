@@ -443,7 +443,7 @@ def test_listen_ports_may_be_zero_but_not_too_large() -> None:
      "pools: names here are non-empty strings, not 8601"),
     ("tls: {cert: c, key: k}\n1: one\n" + POOLS_AND_ROUTES,
      ("1: unknown key; known keys: listen, tls, limits, pools, routes, auth, rate_limits, expose_upstream_header, "
-      "fleet")),
+      "workers, fleet")),
     ("tls: {cert: c, key: k, cert: d}\n", "invalid YAML at line 1, column 24: duplicate key 'cert'"),
     ("tls: {cert: c}\n\x00\n", "invalid YAML at line 2, column 1: special characters are not allowed ('\\x00')"),
     ("tls: \t{cert: c}\x00\n", "invalid YAML at line 1, column 16: special characters are not allowed ('\\x00')"),
