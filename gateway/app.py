@@ -196,7 +196,7 @@ class Gateway:
         return dataclasses.replace(config, pools=pools) if members else config
 
     def _fleet_changed(self) -> None:
-        """A worker joined or left: the same config, with the fleet's members as they are now."""
+        """A worker joined or left: the same config, with the fleet's members as they are now (applied at once)."""
         if self._snapshot is not None:
             self._swap(self._snapshot.generation)
 

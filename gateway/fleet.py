@@ -7,7 +7,8 @@ task that keeps it running:
   its GPU), in its own session so a terminal's Ctrl-C reaches only the gateway, and with a parent-death signal so
   it cannot outlive a gateway that was killed; its stdout and stderr go to a rotated log file;
 - poll its readiness path until it answers 200 (it exits, or `ready_timeout_s` passes: a crash); once ready, the
-  worker joins the pool (`on_change` makes the gateway build a new snapshot from `backends()`);
+  worker joins the pool (`on_change` makes the gateway build a new snapshot from `backends()`; where that happens
+  later, in other processes, it returns a future of when it has: a process leaving waits for that before its stop);
 - when it exits unasked, it leaves the pool at once and is started again after the restart policy's backoff
   (gateway/restart_policy.py); a crash loop is given up: the worker stays `failed` until a config change;
 - when `reconfigure()` changes a worker (flags, files, GPU), a rolling change replaces one worker at a time: the
@@ -22,6 +23,7 @@ not exited since.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import logging.handlers
@@ -45,6 +47,9 @@ log = logging.getLogger("tfgate.fleet")
 
 HOST = "127.0.0.1"
 _POLL_S = 0.2
+_LEAVE_TIMEOUT_S = 10.0
+# Called when the set of serving workers changed; None once the gateway applied it, or a future of when it has.
+MembershipListener = Callable[[], "asyncio.Future[None] | None"]
 _PR_SET_PDEATHSIG = 1
 
 
@@ -77,7 +82,7 @@ class _Slot:
 
 
 class Fleet:
-    def __init__(self, config: FleetConfig, *, health_path: str, on_change: Callable[[], None],
+    def __init__(self, config: FleetConfig, *, health_path: str, on_change: MembershipListener,
                  metrics: GatewayMetrics, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic, environ: Mapping[str, str] | None = None,
                  run: Callable[[Sequence[str]], str | None] = run_command, cpu_count: int | None = None) -> None:
@@ -318,8 +323,10 @@ class Fleet:
         """Out of the pool first, then SIGTERM (the backend drains), SIGKILL after the grace."""
         if process.ready:
             process.ready = False
-            if not self._stopping:
-                self._on_change()
+            applied = None if self._stopping else self._on_change()
+            if applied is not None:  # the gateway's processes stop sending to it before it stops
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(applied), _LEAVE_TIMEOUT_S)
         child = process.process
         if child.returncode is None:
             child.terminate()
@@ -406,7 +413,7 @@ class FleetSection:
     """The fleet a gateway runs as its config's `fleet:` section says: none, started, changed or stopped on each
     apply. Shared by the one-process gateway (gateway/app.py) and the primary of several (gateway/primary.py)."""
 
-    def __init__(self, on_change: Callable[[], None], metrics: GatewayMetrics, rng: random.Random,
+    def __init__(self, on_change: MembershipListener, metrics: GatewayMetrics, rng: random.Random,
                  clock: Callable[[], float]) -> None:
         self.fleet: Fleet | None = None
         self._on_change = on_change

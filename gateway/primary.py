@@ -94,6 +94,7 @@ class Primary:
         self._generation = 0
         self._reload_lock = asyncio.Lock()
         self._push_needed = asyncio.Event()
+        self._next_push: asyncio.Future[None] | None = None  # what the changes since the last push wait for
         self._tasks: list[asyncio.Task[Any]] = []  # watchers, the pusher, SIGHUP reloads
         self._keepers: list[asyncio.Task[None]] = []  # one per worker process
         self._run_dir: Path | None = None
@@ -243,9 +244,13 @@ class Primary:
         applied = f"generation {self._generation} applied"
         return applied if not refused else f"{applied}; workers {refused} refused it (see their log lines)"
 
-    def _members_changed(self) -> None:
-        """A fleet worker joined or left: the workers need the new member list (coalesced, in order)."""
+    def _members_changed(self) -> asyncio.Future[None]:
+        """A fleet worker joined or left: the workers need the new member list (coalesced, in order). The future is
+        done once a push that includes this change has reached the workers."""
         self._push_needed.set()
+        if self._next_push is None:
+            self._next_push = asyncio.get_running_loop().create_future()
+        return self._next_push
 
     async def _push_forever(self) -> None:
         while True:
@@ -256,9 +261,14 @@ class Primary:
     async def _push(self) -> list[int]:
         """Rewrite the worker config and have every serving worker reload it; the workers that refused."""
         self._push_needed.clear()
-        self._write_worker_config()
-        serving = [worker for worker in self._workers if worker.admin is not None]
-        answers = await asyncio.gather(*(self._call(worker, "POST", "/admin/reload") for worker in serving))
+        pushed, self._next_push = self._next_push, None  # changes from now on wait for the next push
+        try:
+            self._write_worker_config()
+            serving = [worker for worker in self._workers if worker.admin is not None]
+            answers = await asyncio.gather(*(self._call(worker, "POST", "/admin/reload") for worker in serving))
+        finally:
+            if pushed is not None and not pushed.done():
+                pushed.set_result(None)
         return [worker.index for worker, answer in zip(serving, answers) if answer is None]
 
     def _write_worker_config(self) -> None:

@@ -77,9 +77,10 @@ def models_config(tmp_path: Path, demo_models: Path) -> Path:
 def start_fleet(tmp_path: Path, certs: CertPaths, models_config: Path) -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
-    def start(fleet: dict[str, Any], env: dict[str, str] | None = None, wait: bool = True) -> GatewayProcess:
+    def start(fleet: dict[str, Any], env: dict[str, str] | None = None, wait: bool = True,
+              workers: int = 1) -> GatewayProcess:
         ports = free_port_range(2 + 12)  # the listeners, then the fleet's: up to 4 workers and a replacement
-        document = gateway_config(certs, [], "least_latency", ports, ports + 1)
+        document = gateway_config(certs, [], "least_latency", ports, ports + 1, workers=workers)
         document["pools"][POOL]["health_check"] = {"interval_s": 0.5}
         document["fleet"] = {"pool": POOL, "model_config_file": str(models_config), "gpus": "none", "replicas": 2,
                              "base_port": ports + 2, "log_dir": str(tmp_path / "logs"),
@@ -214,9 +215,11 @@ def test_a_crash_loop_is_given_up_and_reported(start_fleet: Callable[..., Gatewa
     assert "keeps crashing; given up" in gateway.log()
 
 
-def test_a_fleet_change_rolls_with_no_failed_request(start_fleet: Callable[..., GatewayProcess],
-                                                     certs: CertPaths) -> None:
-    gateway = start_fleet({})
+@pytest.mark.parametrize("gateway_workers", [1, 2])
+def test_a_fleet_change_rolls_with_no_failed_request(start_fleet: Callable[..., GatewayProcess], certs: CertPaths,
+                                                     gateway_workers: int) -> None:
+    """With 2 gateway workers, each leaving backend waits until both workers stopped sending to it."""
+    gateway = start_fleet({}, workers=gateway_workers)
     before = {w["worker"]: w["pid"] for w in gateway.fleet()}
     document = yaml.safe_load(gateway.config_path.read_text())
     document["fleet"]["flags"] = ["--rest_api_timeout_in_ms=20000"]
