@@ -172,10 +172,11 @@ def _fleet_or_none(gateway: GatewayProcess) -> list[dict[str, Any]] | None:
 
 
 
+@pytest.mark.parametrize("gateway_workers", [1, 2])
 def test_a_killed_worker_restarts_and_rejoins_with_no_failed_request(
-        start_fleet: Callable[..., GatewayProcess], tmp_path: Path, certs: CertPaths) -> None:
+        start_fleet: Callable[..., GatewayProcess], tmp_path: Path, certs: CertPaths, gateway_workers: int) -> None:
     env = fake_nvidia_smi(tmp_path / "bin", 0)  # nvidia-smi fails: CPU workers
-    gateway = start_fleet({"gpus": "auto", "restart": {"initial_s": 0.5}}, env=env)
+    gateway = start_fleet({"gpus": "auto", "restart": {"initial_s": 0.5}}, env=env, workers=gateway_workers)
     workers = gateway.fleet()
     assert [(w["gpu"], w["cuda_visible_devices"]) for w in workers] == [(None, "-1")] * 2
     assert process_environ(workers[0]["pid"])["CUDA_VISIBLE_DEVICES"] == "-1"
