@@ -38,6 +38,9 @@ class Running(Protocol):
     def admin_port(self) -> int: ...
 
     @property
+    def grpc_port(self) -> int: ...  # 0 without listen.grpc
+
+    @property
     def config(self) -> GatewayConfig: ...
 
 

@@ -44,6 +44,8 @@ class AccessRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     error: str = ""
+    protocol: str = "rest"  # or "grpc", whose calls carry their status name in grpc_status (status stays 0)
+    grpc_status: str = ""
 
 
 class AccessLog:

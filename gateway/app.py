@@ -25,12 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from backend.http_server import HttpServer, json_error_body
 from gateway.accesslog import AccessLog
 from gateway.admin import Admin
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.fleet import FleetSection
+from gateway.grpc_edge import GrpcEdge
 from gateway.guard import Guard
 from gateway.http_edge import Edge
 from gateway.metrics import GatewayMetrics
@@ -46,7 +49,7 @@ from gateway.reloading import (
 from gateway.routes import RouteTable
 from gateway.shared_buckets import SharedBuckets
 from gateway.snapshot import Snapshot
-from gateway.tls import switching_context
+from gateway.tls import grpc_server_credentials, switching_context
 from gateway.upstream import Upstreams
 
 log = logging.getLogger("tfgate.gateway")
@@ -76,6 +79,9 @@ class Gateway:
         self._fleet = FleetSection(self._fleet_changed, self.metrics, self._rng, clock)
         self._reload_lock = asyncio.Lock()
         self._edge_server: HttpServer | None = None
+        self._grpc_server: grpc.aio.Server | None = None
+        self._grpc_edge: GrpcEdge | None = None
+        self.grpc_port = 0  # once listening, when listen.grpc is set
         self._admin_server: HttpServer | None = None
         self._watchers: list[asyncio.Task[object]] = []
         self._stopping = False
@@ -150,8 +156,10 @@ class Gateway:
             await self._fleet.wait_ready()
             await self._edge_server.start(config.listen.https.host, config.listen.https.port,
                                           switching_context(lambda: self.snapshot.tls), reuse_port=self._reuse_port)
+            if config.listen.grpc is not None:
+                await self._start_grpc(config, guard)
             self._serving = True
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # gRPC reports a port it cannot bind as RuntimeError
             await self.stop(0)
             raise StartupError(f"cannot listen: {error}") from None
         if self._watch_file:
@@ -211,6 +219,18 @@ class Gateway:
         self._install(*read, generation)
         return f"generation {generation} applied"
 
+    async def _start_grpc(self, config: GatewayConfig, guard: Guard) -> None:
+        """The gRPC listener (gateway/grpc_edge.py) with the same certificates. SO_REUSEPORT only as a worker of
+        gateway/primary.py: elsewhere a second gateway on the same port must fail, not share it silently."""
+        assert config.listen.grpc is not None
+        self._grpc_edge = GrpcEdge(self, self.upstreams, guard, self.metrics, self.access_log, self._rng,
+                                   self._clock)
+        self._grpc_server = grpc.aio.server(handlers=[self._grpc_edge],
+                                            options=[("grpc.so_reuseport", int(self._reuse_port))])
+        self.grpc_port = self._grpc_server.add_secure_port(str(config.listen.grpc),
+                                                           grpc_server_credentials(config.tls))
+        await self._grpc_server.start()
+
     async def stop(self, grace_s: float) -> None:
         """Graceful stop; see the module docstring."""
         self._stopping = True
@@ -218,8 +238,12 @@ class Gateway:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         except (RuntimeError, ValueError):
             pass
-        if self._edge_server is not None:
-            await self._edge_server.shutdown(grace_s)
+        drains = [self._edge_server.shutdown(grace_s)] if self._edge_server is not None else []
+        if self._grpc_server is not None:
+            drains.append(self._grpc_server.stop(grace_s))
+        await asyncio.gather(*drains)
+        if self._grpc_edge is not None:
+            await self._grpc_edge.close()
         watchers = list(self._watchers)
         for task in watchers:
             task.cancel()

@@ -48,6 +48,7 @@ class HostPort:
 class Listen:
     https: HostPort = HostPort("0.0.0.0", 8443)
     admin: HostPort = HostPort("127.0.0.1", 9901)  # loopback: the admin API reloads config and shows state
+    grpc: HostPort | None = None  # TF Serving's gRPC API over the same TLS; off unless given
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,16 +249,17 @@ def load_config(path: Path) -> GatewayConfig:
     return parse_config(text, source=str(path))
 
 
-def worker_document(path: Path, *, https: HostPort, backends: Mapping[str, tuple[Backend, ...]],
-                    admin_key: AdminKey) -> str:
+def worker_document(path: Path, *, https: HostPort, grpc: HostPort | None,
+                    backends: Mapping[str, tuple[Backend, ...]], admin_key: AdminKey) -> str:
     """The config file of one gateway worker (gateway/primary.py), from the operator's file as it is now: one
-    process (`workers: 1`) on the https port the primary resolved, its admin API on a free loopback port, no fleet
+    process (`workers: 1`) on the https (and gRPC) port the primary resolved, its admin API on a free loopback port, no fleet
     (the primary runs it), the fleet's ready members added to their pool's backends, and the primary's own admin
     key, with which it reloads the worker and reads its state. Everything else is the operator's, unchanged."""
     doc = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     doc["workers"] = 1
     doc.pop("fleet", None)
-    doc["listen"] = {**(doc.get("listen") or {}), "https": str(https), "admin": "127.0.0.1:0"}
+    doc["listen"] = {**(doc.get("listen") or {}), "https": str(https), "admin": "127.0.0.1:0",
+                     **({"grpc": str(grpc)} if grpc is not None else {})}
     for pool, extra in backends.items():
         pool_doc = doc["pools"][pool] = doc["pools"][pool] or {}
         pool_doc["backends"] = [*(pool_doc.get("backends") or []),
@@ -321,7 +323,7 @@ _GRANTS = {
 }
 
 _SCHEMA = schema_object({
-    "listen": schema_object({"https": {"type": "string"}, "admin": {"type": "string"}}),
+    "listen": schema_object({"https": {"type": "string"}, "admin": {"type": "string"}, "grpc": {"type": "string"}}),
     "tls": schema_object({
         "cert": STRING, "key": STRING, "client_ca": STRING,
         "client_cert": {"enum": ["none", "optional", "required"]},
@@ -475,6 +477,9 @@ def _build(doc: dict[str, Any], source: str, base_dir: Path) -> GatewayConfig:
                        for name, text in listen_doc.items()})
     if listen.https == listen.admin and listen.https.port != 0:
         raise ConfigError(f"{listen.admin} is also listen.https", "listen.admin")
+    if listen.grpc is not None and listen.grpc.port != 0 and listen.grpc in (listen.https, listen.admin):
+        raise ConfigError(f"{listen.grpc} is also listen.{'https' if listen.grpc == listen.https else 'admin'}",
+                          "listen.grpc")
 
     tls_doc = doc["tls"]
     client_ca = tls_doc.get("client_ca")

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from cryptography import x509
 
-from backend.http_server import HttpRequest
 from gateway import errors
 from gateway.auth import Authenticator, AuthError, Principal
 from gateway.metrics import GatewayMetrics
@@ -30,11 +29,13 @@ class Guard:
         self._metrics = metrics
         self._clock = clock
 
-    def identify(self, authenticator: Authenticator, request: HttpRequest, model: str, method: str) -> Principal:
-        """The caller, granted `method` on `model`; a 401 or 403 GatewayError otherwise."""
-        subject = None if request.peer_certificate is None else certificate_subject(request.peer_certificate)
+    def identify(self, authenticator: Authenticator, headers: Mapping[str, str], certificate: bytes | None,
+                 model: str, method: str) -> Principal:
+        """The caller (by its HTTP headers or gRPC metadata, or its verified DER client certificate), granted
+        `method` on `model`; a 401 or 403 GatewayError otherwise."""
+        subject = None if certificate is None else certificate_subject(certificate)
         try:
-            principal = authenticator.authenticate(request.headers, subject)
+            principal = authenticator.authenticate(headers, subject)
             authenticator.authorize(principal, model, method)
         except AuthError as error:
             self._metrics.auth_failed(status=error.status)

@@ -113,7 +113,8 @@ class Edge:
             raise errors.NotFound(f"No such endpoint: {request.method} {request.path}")
         name, url_version, url_label = match["name"], match["version"], match["label"]
         record.model = name
-        principal = self._guard.identify(snapshot.authenticator, request, name, _METHODS[(match["tail"] or "")[1:].lower()])
+        principal = self._guard.identify(snapshot.authenticator, request.headers, request.peer_certificate, name,
+                                         _METHODS[(match["tail"] or "")[1:].lower()])
         record.principal = principal.name
         version = None if url_version is None else int(url_version)
         decision = snapshot.routes.route(name, version, url_label, self._rng)

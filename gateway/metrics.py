@@ -26,9 +26,10 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         reg = self.registry
         # The request path's metrics: lock-free, on the event loop thread (backend/loop_metrics.py).
-        self._requests = LoopCounter("tfgate_gateway_requests", "Requests answered, by model, route, status and the "
-                                     "upstream that answered (\"\" when none did).",
-                                     ["model", "route", "code", "upstream"])
+        self._requests = LoopCounter("tfgate_gateway_requests", "Requests answered, by model, route, status (an HTTP "
+                                     "status, or a gRPC status name), the upstream that answered (\"\" when none "
+                                     "did) and protocol (rest or grpc).",
+                                     ["model", "route", "code", "upstream", "protocol"])
         self._duration = LoopHistogram("tfgate_gateway_request_duration_seconds", "Time from a complete request to "
                                        "its answer, through the gateway.", ["model", "route"], _LATENCY_BUCKETS)
         self._upstream_duration = LoopHistogram("tfgate_gateway_upstream_duration_seconds", "Time of each attempt "
@@ -79,8 +80,9 @@ class GatewayMetrics:
         finally:
             self._in_flight.add((), -1)
 
-    def observe_request(self, *, model: str, route: str, status: int, upstream: str, seconds: float) -> None:
-        self._requests.inc((model, route, str(status), upstream))
+    def observe_request(self, *, model: str, route: str, status: int | str, upstream: str, seconds: float,
+                        protocol: str = "rest") -> None:
+        self._requests.inc((model, route, str(status), upstream, protocol))
         self._duration.observe((model, route), seconds)
 
     def observe_attempt(self, *, pool: str, upstream: str, seconds: float) -> None:

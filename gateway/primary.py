@@ -101,6 +101,8 @@ class Primary:
         self._buckets: SharedBuckets | None = None
         self._reserved: socket.socket | None = None
         self._https: HostPort | None = None
+        self._reserved_grpc: socket.socket | None = None
+        self._grpc: HostPort | None = None
         self._admin_server: HttpServer | None = None
         self._serving = False
         self._stopping = False
@@ -129,6 +131,10 @@ class Primary:
     def https_port(self) -> int:
         assert self._https is not None
         return self._https.port
+
+    @property
+    def grpc_port(self) -> int:
+        return 0 if self._grpc is None else self._grpc.port
 
     @property
     def admin_port(self) -> int:
@@ -163,9 +169,11 @@ class Primary:
         self._buckets = SharedBuckets.create(self._run_dir / "rate-limits")
         try:
             self._reserved, self._https = _reserve(config.listen.https)
+            if config.listen.grpc is not None:
+                self._reserved_grpc, self._grpc = _reserve(config.listen.grpc)
         except OSError as error:
             await self.stop(0)
-            raise StartupError(f"cannot listen on {config.listen.https}: {error}") from None
+            raise StartupError(f"cannot listen: {error}") from None
         admin = Admin(self)
         self._admin_server = HttpServer(admin.handle, max_body_bytes=64 * 1024,
                                         header_timeout_s=config.limits.header_timeout_s, error_body=json_error_body)
@@ -205,8 +213,9 @@ class Primary:
         await self._fleet.stop()
         if self._buckets is not None:
             self._buckets.close()
-        if self._reserved is not None:
-            self._reserved.close()
+        for reserved in (self._reserved, self._reserved_grpc):
+            if reserved is not None:
+                reserved.close()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
 
@@ -273,7 +282,7 @@ class Primary:
 
     def _write_worker_config(self) -> None:
         assert self._run_dir is not None and self._https is not None
-        text = worker_document(self._run_dir / "accepted.yaml", https=self._https,
+        text = worker_document(self._run_dir / "accepted.yaml", https=self._https, grpc=self._grpc,
                                backends=self._fleet.members(self.config),
                                admin_key=AdminKey("tfgate-primary", digest(self._admin_key)))
         path = self._run_dir / "worker.yaml"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 
+import grpc
+
 from gateway.config import TlsConfig
 
 # ECDHE key exchange with AEAD ciphers only, for TLS 1.2 (TLS 1.3's suites are all modern and not set here).
@@ -49,3 +51,10 @@ def switching_context(current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
 
     listener.sni_callback = switch  # type: ignore[assignment]
     return listener
+
+
+def grpc_server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """The same certificate, key and client verification for the gRPC listener (gRPC's TLS offers 1.2 and 1.3)."""
+    root = tls.client_ca.read_bytes() if tls.client_ca is not None and tls.client_cert != "none" else None
+    return grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())], root_certificates=root,
+                                       require_client_auth=tls.client_cert == "required")

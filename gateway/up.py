@@ -33,7 +33,7 @@ STATE_DIR = ".tfgate"
 DEMO_MODELS = ("half_plus_two", "half_plus_two_tf1", "mlp", "strings")
 _DEFAULT_CONFIG = """\
 # Written by `tfgate up` on every start (edit a copy and pass it with --config). Every key: configs/gateway.yaml.
-listen: {{https: "{bind}:{port}", admin: "127.0.0.1:{admin_port}"}}
+listen: {{https: "{bind}:{port}", grpc: "{bind}:{grpc_port}", admin: "127.0.0.1:{admin_port}"}}
 tls: {{cert: "{certs}/server.pem", key: "{certs}/server-key.pem"}}
 auth:
   api_keys: [{{name: up, sha256: "{api_key}"}}]
@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where certs/, logs/ and .tfgate/ go (default: the working directory)")
     parser.add_argument("--bind", default="127.0.0.1", help="address of the TLS endpoint (default: loopback only)")
     parser.add_argument("--port", type=int, default=8443, help="port of the TLS endpoint (0: any free port)")
+    parser.add_argument("--grpc-port", type=int, default=8500, help="port of the gRPC endpoint, TLS too (0: any)")
     parser.add_argument("--admin-port", type=int, default=9901, help="loopback port of the admin API (0: any)")
     parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
                         help="the fleet's backends listen on loopback ports from here")
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         admin = f"http://127.0.0.1:{gateway.admin_port}"
         (state / "up.json").write_text(json.dumps({"endpoint": endpoint, "admin": admin, "pid": os.getpid()}))
         ca = gateway.config.tls.cert.parent / "ca.pem"
-        print(_banner(endpoint, ca, new_api_key), flush=True)
+        print(_banner(endpoint, gateway.grpc_port, ca, new_api_key), flush=True)
 
     try:
         return uvloop.run(serve(config_path, args.grace_s, on_ready))
@@ -129,13 +130,14 @@ def _write_default_config(args: argparse.Namespace, home: Path) -> tuple[Path, s
         admin_file.write_text(admin_key + "\n")
     config_path = state / "gateway.yaml"
     config_path.write_text(_DEFAULT_CONFIG.format(
-        bind=args.bind, port=args.port, admin_port=args.admin_port, certs=certs, base_port=args.base_port,
+        bind=args.bind, port=args.port, grpc_port=args.grpc_port, admin_port=args.admin_port, certs=certs,
+        base_port=args.base_port,
         api_key=key_file.read_text().strip(), admin_key=digest(admin_file.read_text().strip()),
         models_config=models_config, logs=home / "logs"))
     return config_path, new_api_key
 
 
-def _banner(endpoint: str, ca: Path, new_api_key: str | None) -> str:
+def _banner(endpoint: str, grpc_port: int, ca: Path, new_api_key: str | None) -> str:
     key_line = (f"api key: {new_api_key}   (shown once; only its digest is kept)" if new_api_key is not None else
                 f"api key: the one printed when it was made (delete {STATE_DIR}/api-key.sha256 for a new one)")
     key = new_api_key or "$TFGATE_API_KEY"
@@ -150,5 +152,7 @@ def _banner(endpoint: str, ca: Path, new_api_key: str | None) -> str:
                                          headers={{"Authorization": "Bearer {key}"}})
         print(json.load(urllib.request.urlopen(request, context=ssl.create_default_context(cafile="{ca}"))))"""),
         "  ")
-    return (f"endpoint: {endpoint}\n{key_line}\ntry it:\n{curl}\nor from Python:\n{python}\n"
+    grpc_line = (f"grpc: localhost:{grpc_port}   (TF Serving's gRPC API, same TLS and key: metadata authorization: "
+                 "Bearer <key>)\n") if grpc_port else ""
+    return (f"endpoint: {endpoint}\n{key_line}\ntry it:\n{curl}\nor from Python:\n{python}\n{grpc_line}"
             "status: tfgate status    stop: Ctrl-C")

@@ -20,8 +20,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from gateway import errors
 from gateway.balancer import LeastLatency, PeakEwma, RoundRobin, UpstreamLoad, make_balancer
@@ -34,6 +35,7 @@ from gateway.upstream_http import HttpPool, UpstreamError, UpstreamResponse
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({502, 503})
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -175,12 +177,25 @@ class Upstreams:
 
     async def forward(self, pool: PoolRuntime, method: str, path: str, headers: Sequence[tuple[str, str]],
                       body: bytes, deadline: float, attempts: Attempts) -> UpstreamResponse:
-        """Send the request to a backend of `pool`, retrying as the module docstring says. A backend's own 502/503
-        is returned as it is when no retry follows it. Errors of our own say what happened in general terms; the
-        backend and the cause go to `attempts.detail`, for the access log, not to the client."""
+        """Send the HTTP request to a backend of `pool`, retrying as the module docstring says. A backend's own
+        502/503 is returned as it is when no retry follows it."""
+        async def send(backend: BackendRuntime, remaining_s: float) -> UpstreamResponse:
+            return await backend.http.request(method, path, [*headers, ("host", backend.name)], body, remaining_s)
+
+        return await self.forward_with(pool, send, lambda response: response.status in RETRYABLE_STATUSES, deadline,
+                                       attempts)
+
+    async def forward_with(self, pool: PoolRuntime, send: Callable[[BackendRuntime, float], Awaitable[T]],
+                           failed: Callable[[T], bool], deadline: float, attempts: Attempts) -> T:
+        """Call `send(backend, remaining seconds)` on backends of `pool` picked by its balancer, retrying on another
+        backend after an UpstreamError that allows it, or an answer `failed` says is the backend's failure, while
+        attempts, the deadline and the pool's retry budget allow. The last answer is returned as it is when no
+        retry follows it. Errors of our own say what happened in general terms; the backend and the cause go to
+        `attempts.detail`, for the access log, not to the client."""
         budget, limit = pool.budget, pool.config.retries.attempts
         budget.record_request(self._clock())
-        last: UpstreamResponse | errors.GatewayError | None = None
+        answer: T | None = None
+        error_of_ours: errors.GatewayError | None = None
         backend = self._pick(pool, attempts.tried, self._clock())
         while backend is not None:
             now = self._clock()
@@ -193,30 +208,30 @@ class Upstreams:
             started = self._clock()
             backend.load.start()
             try:
-                last = await backend.http.request(method, path, [*headers, ("host", backend.name)], body, remaining)
+                answer, error_of_ours = await send(backend, remaining), None
             except UpstreamError as error:
                 self._finish(pool, backend, started, ok=False, attempts=attempts)
                 attempts.detail = f"backend {backend.name}: {error}"
                 if error.kind == "timeout":
                     raise errors.GatewayTimeout("The backend did not answer in time") from None
-                last = errors.BadGateway("The backend failed before it answered")
+                answer, error_of_ours = None, errors.BadGateway("The backend failed before it answered")
                 if not error.retryable:
-                    raise last from None
+                    raise error_of_ours from None
             else:
-                failed = last.status in RETRYABLE_STATUSES
-                self._finish(pool, backend, started, ok=not failed, attempts=attempts)
-                if not failed:
-                    return last
+                bad = failed(answer)
+                self._finish(pool, backend, started, ok=not bad, attempts=attempts)
+                if not bad:
+                    return answer
             backend = self._pick(pool, attempts.tried, self._clock()) if attempts.count < limit else None
             if backend is not None and not budget.try_retry(self._clock()):
                 self._metrics.retry_refused(pool.name)
                 backend = None
             if backend is not None:
                 self._metrics.retried(pool.name)
-        if isinstance(last, UpstreamResponse):
-            return last
-        if last is not None:
-            raise last
+        if error_of_ours is not None:
+            raise error_of_ours
+        if answer is not None:
+            return answer
         attempts.detail = f"no healthy backend in pool {pool.name}"
         raise errors.Unavailable("No healthy backend can serve this model now")
 

@@ -17,9 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
+import grpc
+import numpy as np
 import pytest
 import requests
+import tensorflow as tf
 import yaml
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench.backend_process import HOST, REPO
 from bench.proxies import ADMIN_KEY, GatewayProcess, gateway_config
@@ -244,8 +248,8 @@ def test_a_fleet_change_rolls_with_no_failed_request(start_fleet: Callable[..., 
 
 def test_tfgate_up_serves_its_printed_curl_line_and_stops_clean(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    command = [sys.executable, "-m", "gateway.cli", "up", "--home", str(home), "--port", "0", "--admin-port", "0",
-               "--base-port", str(free_port_range(8))]
+    command = [sys.executable, "-m", "gateway.cli", "up", "--home", str(home), "--port", "0", "--grpc-port", "0",
+               "--admin-port", "0", "--base-port", str(free_port_range(8))]
     with open(tmp_path / "up.log", "wb") as log:
         up = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -262,6 +266,8 @@ def test_tfgate_up_serves_its_printed_curl_line_and_stops_clean(tmp_path: Path) 
         curl = next(line for line in lines if line.startswith("curl "))
         answer = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30, check=True)
         assert json.loads(answer.stdout) == {"predictions": [3.5, 4.0, 5.5]}  # the latest version: x/2 + 3
+        assert grpc_predict(int(printed["grpc"].split()[0].rpartition(":")[2]), home / "certs" / "ca.pem",
+                            printed["api key"].split()[0]) == [3.5, 4.0]
         status = subprocess.run([sys.executable, "-m", "gateway.cli", "status", "--home", str(home)], cwd=REPO,
                                 capture_output=True, text=True, timeout=30, check=True).stdout
         header, row = status.splitlines()
@@ -279,3 +285,14 @@ def test_tfgate_up_serves_its_printed_curl_line_and_stops_clean(tmp_path: Path) 
             up.wait()
         assert up.stdout is not None
         up.stdout.close()
+
+
+def grpc_predict(port: int, ca: Path, key: str) -> list[float]:
+    """Predict half_plus_two over TLS with TF Serving's own client, as a user of `tfgate up` would."""
+    with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca.read_bytes())) as channel:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = MODEL
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([1.0, 2.0], np.float32)))
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            request, metadata=[("authorization", f"Bearer {key}")], timeout=10)
+        return list(response.outputs["y"].float_val)

@@ -108,7 +108,7 @@ def test_example_file_parses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.chdir(tmp_path)  # the cert files need not exist, and relative paths follow the working directory
     config = load_config(EXAMPLE)
     assert config.source == str(EXAMPLE)
-    assert config.listen == Listen(HostPort("0.0.0.0", 8443), HostPort("127.0.0.1", 9901))
+    assert config.listen == Listen(HostPort("0.0.0.0", 8443), HostPort("127.0.0.1", 9901), HostPort("0.0.0.0", 8500))
     assert config.tls == TlsConfig(cert=tmp_path / "certs/server.pem", key=tmp_path / "certs/server-key.pem",
                                    client_ca=tmp_path / "certs/ca.pem", client_cert="none")
     assert config.limits == Limits(16777216, 10, 30, 75)
@@ -512,7 +512,7 @@ def test_redacted_is_json_in_the_file_shape_and_parses_back(monkeypatch: pytest.
     monkeypatch.chdir(tmp_path)
     config = load_config(EXAMPLE)
     data = json.loads(json.dumps(redacted(config)))
-    assert data["listen"] == {"https": "0.0.0.0:8443", "admin": "127.0.0.1:9901"}
+    assert data["listen"] == {"https": "0.0.0.0:8443", "admin": "127.0.0.1:9901", "grpc": "0.0.0.0:8500"}
     assert data["tls"]["key"] == str(tmp_path / "certs/server-key.pem")
     assert data["pools"]["cpu"]["backends"][0] == {"rest": "127.0.0.1:8601", "grpc": "127.0.0.1:8600"}
     assert data["routes"][0]["split"][1] == {"weight": 10, "version": None, "label": "canary"}

@@ -119,9 +119,9 @@ ATTEMPT = {"pool": "p", "upstream": "u1"}
 
 
 @pytest.mark.parametrize("name, labels, expected", [
-    ("tfgate_gateway_requests_total", {**REQUEST, "code": "200", "upstream": "u1"}, 2),
-    ("tfgate_gateway_requests_total", {**REQUEST, "code": "503", "upstream": ""}, 1),
-    ("tfgate_gateway_requests_total", {**REQUEST, "code": "200", "upstream": "u2"}, 1),
+    ("tfgate_gateway_requests_total", {**REQUEST, "code": "200", "upstream": "u1", "protocol": "rest"}, 2),
+    ("tfgate_gateway_requests_total", {**REQUEST, "code": "503", "upstream": "", "protocol": "rest"}, 1),
+    ("tfgate_gateway_requests_total", {**REQUEST, "code": "200", "upstream": "u2", "protocol": "rest"}, 1),
     ("tfgate_gateway_request_duration_seconds_count", REQUEST, 4),
     ("tfgate_gateway_request_duration_seconds_sum", REQUEST, 0.3247),
     ("tfgate_gateway_request_duration_seconds_bucket", {**REQUEST, "le": "0.001"}, 1),

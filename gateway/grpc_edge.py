@@ -1,0 +1,192 @@
+"""The public gRPC endpoint: TF Serving's PredictionService and ModelService over the gateway's TLS, each call
+authenticated, routed by its model spec and balanced to a backend's gRPC port on its own, so one client channel is
+spread over the pool (an L4 balancer would pin it to one server).
+
+How a call flows, as a REST request does (gateway/http_edge.py): read the snapshot once → read the model spec from
+the request bytes (gateway/grpc_wire.py; tensors are not decoded) → authenticate from the metadata
+(`authorization: Bearer …` or `x-api-key`) or the client certificate, authorize the model and method, rate-limit →
+route (a spec naming neither version nor label follows the route's split: the chosen one is written into the
+forwarded request) → forward the bytes over a pooled channel to a backend with a gRPC address, with the remaining
+deadline (the client's, capped by `limits.request_timeout_s`); UNAVAILABLE (including a connection failure) is
+retried on another backend within the pool's attempts and retry budget → the backend's answer or status goes back
+unchanged. The gateway's own refusals carry TF Serving's gRPC codes: UNAUTHENTICATED, PERMISSION_DENIED,
+RESOURCE_EXHAUSTED (with the rate-limit headers as trailing metadata), NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE,
+DEADLINE_EXCEEDED. Credentials in the metadata are never forwarded; the request id is.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway import errors
+from gateway.accesslog import AccessLog, AccessRecord
+from gateway.grpc_wire import WireError, read_model_spec, with_model_spec
+from gateway.guard import Guard
+from gateway.http_edge import RequestIds, SnapshotSource
+from gateway.metrics import GatewayMetrics
+from gateway.snapshot import Snapshot
+from gateway.upstream import Attempts, BackendRuntime, Upstreams
+
+# The calls served, with the method name auth grants use.
+METHODS = {
+    "/tensorflow.serving.PredictionService/Predict": "predict",
+    "/tensorflow.serving.PredictionService/Classify": "classify",
+    "/tensorflow.serving.PredictionService/Regress": "regress",
+    "/tensorflow.serving.PredictionService/GetModelMetadata": "metadata",
+    "/tensorflow.serving.ModelService/GetModelStatus": "status",
+}
+_INFERENCE = frozenset({"predict", "classify", "regress"})  # a split picks their version; status and metadata ask
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+          429: grpc.StatusCode.RESOURCE_EXHAUSTED, 502: grpc.StatusCode.UNAVAILABLE,
+          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+_NOT_FORWARDED = frozenset({"authorization", "x-api-key", "cookie", "x-request-id", "user-agent"})
+_CHANNEL_OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    code: grpc.StatusCode
+    details: str
+    body: bytes
+    trailing: tuple[tuple[str, str | bytes], ...]
+
+
+class GrpcEdge(grpc.GenericRpcHandler):
+    def __init__(self, source: SnapshotSource, upstreams: Upstreams, guard: Guard, metrics: GatewayMetrics,
+                 access_log: AccessLog, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self._upstreams = upstreams
+        self._guard = guard
+        self._metrics = metrics
+        self._access_log = access_log
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._ids = RequestIds()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        """Bytes in, bytes out: no (de)serializer, so only the model spec is ever parsed. Others: UNIMPLEMENTED."""
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        kind = METHODS.get(method)
+        if kind is None:
+            return None
+        return grpc.unary_unary_rpc_method_handler(functools.partial(self._call, method, kind))
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
+
+    async def _call(self, method: str, kind: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        snapshot = self._source.snapshot
+        started = self._clock()
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        record = AccessRecord(request_id=metadata.get("x-request-id") or self._ids.next(), method="POST",
+                              path=method, peer=context.peer(), bytes_in=len(request), protocol="grpc")
+        attempts = Attempts()
+        with self._metrics.in_flight():
+            try:
+                answer = await self._forward(snapshot, method, kind, request, context, metadata, record, attempts)
+            except errors.GatewayError as error:
+                record.error = attempts.detail or error.message
+                answer = _Answer(_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message, b"",
+                                 tuple((key, value) for key, value in error.headers if key != "www-authenticate"))
+            elapsed = self._clock() - started
+            record.grpc_status, record.attempts = answer.code.name, attempts.count
+            record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
+            record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), len(answer.body)
+            served = bool(attempts.upstream) and answer.code is grpc.StatusCode.OK
+            self._metrics.observe_request(model=record.model if served else "", route=record.route,
+                                          status=answer.code.name, upstream=attempts.upstream, seconds=elapsed,
+                                          protocol="grpc")
+            self._access_log.write(record)
+        trailing = (("x-request-id", record.request_id), *answer.trailing)
+        if snapshot.config.expose_upstream_header and attempts.upstream:
+            trailing += (("x-tfgate-upstream", attempts.upstream),)
+        context.set_trailing_metadata(trailing)
+        if answer.code is not grpc.StatusCode.OK:
+            await context.abort(answer.code, answer.details)
+        return answer.body
+
+    async def _forward(self, snapshot: Snapshot, method: str, kind: str, request: bytes,
+                       context: grpc.aio.ServicerContext, metadata: dict[str, str], record: AccessRecord,
+                       attempts: Attempts) -> _Answer:
+        try:
+            spec, found = read_model_spec(request)
+        except WireError as error:
+            raise errors.BadRequest(f"The request is not a valid message: {error}") from None
+        if not spec.name:
+            raise errors.BadRequest("model_spec.name is required")
+        name = record.model = spec.name
+        principal = self._guard.identify(snapshot.authenticator, metadata, _client_certificate(context), name, kind)
+        record.principal = principal.name
+        version = spec.version.value if spec.HasField("version") else None
+        decision = snapshot.routes.route(name, version, spec.version_label or None, self._rng)
+        if decision is None:
+            raise errors.NotFound(f"Servable not found for request: Latest({name})")
+        record.route, record.pool = decision.route, decision.pool
+        limit_headers = self._guard.limit(principal, name, decision.route)
+        record.version, record.label = decision.version, decision.label
+        if kind in _INFERENCE and version is None and not spec.version_label and (
+                decision.version is not None or decision.label is not None):
+            if decision.version is not None:
+                spec.version.value = decision.version
+            else:
+                spec.version_label = decision.label
+            request = with_model_spec(request, found, spec)
+        forwarded = [(key, value) for key, value in metadata.items()
+                     if key not in _NOT_FORWARDED and not key.startswith(("grpc-", ":"))]
+        forwarded.append(("x-request-id", record.request_id))
+        client_remaining = context.time_remaining()
+        budget_s = snapshot.config.limits.request_timeout_s
+        deadline = self._clock() + (budget_s if client_remaining is None else min(budget_s, client_remaining))
+
+        async def send(backend: BackendRuntime, remaining_s: float) -> _Answer:
+            channel = self._channel(backend)
+            if channel is None:
+                return _Answer(grpc.StatusCode.UNAVAILABLE, f"backend {backend.name} has no gRPC address", b"", ())
+            call = channel.unary_unary(method)(request, timeout=remaining_s, metadata=forwarded)
+            try:
+                body = await call
+            except grpc.aio.AioRpcError as error:
+                return _Answer(error.code(), error.details() or "", b"", ())
+            return _Answer(grpc.StatusCode.OK, "", body, ())
+
+        answer = await self._upstreams.forward_with(
+            snapshot.pools[decision.pool], send, lambda answer: answer.code is grpc.StatusCode.UNAVAILABLE,
+            deadline, attempts)
+        if answer.code is not grpc.StatusCode.OK:
+            attempts.detail = attempts.detail or f"backend {attempts.upstream}: {answer.code.name} {answer.details}"
+        return _Answer(answer.code, answer.details, answer.body, limit_headers)
+
+    def _channel(self, backend: BackendRuntime) -> grpc.aio.Channel | None:
+        address = backend.address.grpc
+        if address is None:
+            return None
+        key = str(address)
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = grpc.aio.insecure_channel(key, options=_CHANNEL_OPTIONS)
+        return channel
+
+
+@functools.lru_cache(maxsize=1024)
+def _der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+
+
+def _client_certificate(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The client's verified certificate (DER) when it sent one: gRPC's auth context holds it as PEM."""
+    pems: Any = context.auth_context().get("x509_pem_cert")
+    return _der(pems[0]) if pems else None

@@ -1,0 +1,149 @@
+"""TF Serving's gRPC API through the gateway, with the official `tensorflow_serving.apis` client over TLS, in front of
+two real backends: versions, labels and the weighted split, per-call balancing from one channel, and the gateway's
+refusals as gRPC codes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from bench.backend_process import BackendProcess
+from gateway.app import Gateway
+from gateway.certs import CertPaths
+from gateway.keys import digest
+from tests.gateway_support import MODEL, config_document
+
+KEY, LIMITED_KEY, OTHER_KEY = "tfg_grpc-test-key", "tfg_grpc-limited-key", "tfg_grpc-other-model-key"
+
+
+def document(certs: CertPaths, backends: list[BackendProcess], **overrides: Any) -> dict[str, Any]:
+    doc = config_document(certs, [], pool={"backends": [
+        {"rest": f"127.0.0.1:{b.rest_port}", "grpc": f"127.0.0.1:{b.grpc_port}"} for b in backends]})
+    doc["listen"]["grpc"] = "127.0.0.1:0"
+    doc["routes"] = [{"model": MODEL, "pool": "cpu", "split": [{"version": 1, "weight": 1}]}]
+    doc["auth"] = {**doc["auth"], "required": True, "api_keys": [
+        {"name": "client", "sha256": digest(KEY)},
+        {"name": "limited", "sha256": digest(LIMITED_KEY), "rate": {"per_second": 0.1, "burst": 2}},
+        {"name": "other", "sha256": digest(OTHER_KEY), "models": ["other"]}]}
+    doc.update(overrides)
+    return doc
+
+
+@pytest.fixture
+async def start(tmp_path: Path, certs: CertPaths) -> AsyncIterator[Callable[..., Any]]:
+    started: list[tuple[Gateway, grpc.aio.Channel]] = []
+
+    async def run(doc: dict[str, Any]) -> grpc.aio.Channel:
+        path = tmp_path / f"gateway-{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        gateway = Gateway(path, watch_file=False)
+        await gateway.start()
+        credentials = grpc.ssl_channel_credentials(root_certificates=certs.ca_cert.read_bytes())
+        channel = grpc.aio.secure_channel(f"localhost:{gateway.grpc_port}", credentials)
+        started.append((gateway, channel))
+        return channel
+
+    yield run
+    for gateway, channel in started:
+        await channel.close()
+        await gateway.stop(1.0)
+
+
+def predict_request(model: str = MODEL, **spec: Any) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    for field, value in spec.items():
+        if field == "version":
+            request.model_spec.version.value = value
+        else:
+            setattr(request.model_spec, field, value)
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([2.0], np.float32)))
+    return request
+
+
+async def predict(channel: grpc.aio.Channel, key: str = KEY, **spec: Any) -> tuple[list[float], str]:
+    """The prediction and the backend that made it (x-tfgate-upstream in the trailing metadata)."""
+    call = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+        predict_request(**spec), metadata=[("authorization", f"Bearer {key}")], timeout=10)
+    response = await call
+    trailing = dict(await call.trailing_metadata() or ())
+    return list(response.outputs["y"].float_val), trailing.get("x-tfgate-upstream", "")
+
+
+async def test_versions_labels_and_the_split(start: Any, certs: CertPaths, backends: list[BackendProcess]) -> None:
+    channel = await start(document(certs, backends))
+    assert (await predict(channel))[0] == [3.0]  # the split: version 1 (x/2 + 2)
+    assert (await predict(channel, version=2))[0] == [4.0]
+    assert (await predict(channel, version_label="canary"))[0] == [4.0]
+    assert (await predict(channel, version_label="stable"))[0] == [3.0]
+
+
+async def test_one_channel_is_balanced_per_call(start: Any, certs: CertPaths, backends: list[BackendProcess]) -> None:
+    channel = await start(document(certs, backends))
+    upstreams = Counter([(await predict(channel))[1] for _ in range(30)])
+    assert set(upstreams) == {f"127.0.0.1:{b.rest_port}" for b in backends}, upstreams
+
+
+async def test_model_service_and_metadata(start: Any, certs: CertPaths, backends: list[BackendProcess]) -> None:
+    channel = await start(document(certs, backends))
+    auth = [("x-api-key", KEY)]
+    status = await model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+        get_model_status_pb2.GetModelStatusRequest(model_spec={"name": MODEL}), metadata=auth, timeout=10)
+    assert sorted(v.version for v in status.model_version_status) == [1, 2]  # no split applied to a status call
+    metadata = await prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
+        get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": MODEL}, metadata_field=["signature_def"]),
+        metadata=auth, timeout=10)
+    assert metadata.model_spec.name == MODEL and "signature_def" in metadata.metadata
+
+
+@pytest.mark.parametrize(("key", "model", "code"), [
+    ("", MODEL, grpc.StatusCode.UNAUTHENTICATED),
+    ("tfg_wrong", MODEL, grpc.StatusCode.UNAUTHENTICATED),
+    (OTHER_KEY, MODEL, grpc.StatusCode.PERMISSION_DENIED),
+    (KEY, "no_such_model", grpc.StatusCode.NOT_FOUND),
+])
+async def test_refusals_are_grpc_codes(start: Any, certs: CertPaths, backends: list[BackendProcess], key: str,
+                                       model: str, code: grpc.StatusCode) -> None:
+    channel = await start(document(certs, backends))
+    metadata = [("authorization", f"Bearer {key}")] if key else []
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            predict_request(model), metadata=metadata, timeout=10)
+    assert raised.value.code() == code
+
+
+async def test_rate_limit_is_resource_exhausted_with_headers(start: Any, certs: CertPaths,
+                                                             backends: list[BackendProcess]) -> None:
+    channel = await start(document(certs, backends))
+    for _ in range(2):
+        await predict(channel, key=LIMITED_KEY)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await predict(channel, key=LIMITED_KEY)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(raised.value.trailing_metadata() or ())
+    assert trailing["ratelimit-limit"] == "2" and int(trailing["retry-after"]) >= 1
+    assert (await predict(channel))[0] == [3.0]  # another principal is unaffected
+
+
+async def test_a_malformed_request_is_invalid_argument(start: Any, certs: CertPaths,
+                                                       backends: list[BackendProcess]) -> None:
+    channel = await start(document(certs, backends))
+    raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await raw(b"\x0a\x05abc", metadata=[("x-api-key", KEY)], timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
