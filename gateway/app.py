@@ -33,7 +33,7 @@ from gateway.admin import Admin
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.fleet import FleetSection
-from gateway.grpc_edge import GrpcEdge
+from gateway.grpc_edge import GrpcEdge, HealthServicer, add_health, set_serving
 from gateway.guard import Guard
 from gateway.http_edge import Edge
 from gateway.metrics import GatewayMetrics
@@ -81,6 +81,7 @@ class Gateway:
         self._edge_server: HttpServer | None = None
         self._grpc_server: grpc.aio.Server | None = None
         self._grpc_edge: GrpcEdge | None = None
+        self._grpc_health: HealthServicer | None = None
         self.grpc_port = 0  # once listening, when listen.grpc is set
         self._admin_server: HttpServer | None = None
         self._watchers: list[asyncio.Task[object]] = []
@@ -227,9 +228,11 @@ class Gateway:
                                    self._clock)
         self._grpc_server = grpc.aio.server(handlers=[self._grpc_edge],
                                             options=[("grpc.so_reuseport", int(self._reuse_port))])
+        self._grpc_health = add_health(self._grpc_server)
         self.grpc_port = self._grpc_server.add_secure_port(str(config.listen.grpc),
                                                            grpc_server_credentials(config.tls))
         await self._grpc_server.start()
+        await set_serving(self._grpc_health, True)
 
     async def stop(self, grace_s: float) -> None:
         """Graceful stop; see the module docstring."""
@@ -238,6 +241,8 @@ class Gateway:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         except (RuntimeError, ValueError):
             pass
+        if self._grpc_health is not None:
+            await set_serving(self._grpc_health, False)  # health checkers stop sending first, as /readyz does
         drains = [self._edge_server.shutdown(grace_s)] if self._edge_server is not None else []
         if self._grpc_server is not None:
             drains.append(self._grpc_server.stop(grace_s))

@@ -26,6 +26,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from gateway import errors
 from gateway.accesslog import AccessLog, AccessRecord
@@ -44,12 +46,15 @@ METHODS = {
     "/tensorflow.serving.PredictionService/GetModelMetadata": "metadata",
     "/tensorflow.serving.ModelService/GetModelStatus": "status",
 }
+# By name: importing TF Serving's service modules would import TensorFlow itself into the gateway.
+SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 _INFERENCE = frozenset({"predict", "classify", "regress"})  # a split picks their version; status and metadata ask
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
           429: grpc.StatusCode.RESOURCE_EXHAUSTED, 502: grpc.StatusCode.UNAVAILABLE,
           503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 _NOT_FORWARDED = frozenset({"authorization", "x-api-key", "cookie", "x-request-id", "user-agent"})
+HealthServicer = health_aio.HealthServicer
 _CHANNEL_OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
 
 
@@ -190,3 +195,16 @@ def _client_certificate(context: grpc.aio.ServicerContext) -> bytes | None:
     """The client's verified certificate (DER) when it sent one: gRPC's auth context holds it as PEM."""
     pems: Any = context.auth_context().get("x509_pem_cert")
     return _der(pems[0]) if pems else None
+
+
+def add_health(server: grpc.aio.Server) -> HealthServicer:
+    """`grpc.health.v1`, open like /healthz: the gateway's own readiness, overall and per service."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return health
+
+
+async def set_serving(health: HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", *SERVICES):
+        await health.set(service, status)

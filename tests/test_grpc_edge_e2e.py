@@ -4,6 +4,9 @@ refusals as gRPC codes."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -147,3 +151,58 @@ async def test_a_malformed_request_is_invalid_argument(start: Any, certs: CertPa
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await raw(b"\x0a\x05abc", metadata=[("x-api-key", KEY)], timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_health_service_is_open_and_follows_readiness(start: Any, certs: CertPaths,
+                                                            backends: list[BackendProcess]) -> None:
+    channel = await start(document(certs, backends))
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)  # no credentials
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_backend_killed_under_load_fails_no_call(start: Any, certs: CertPaths, demo_models: Path,
+                                                         tmp_path: Path) -> None:
+    config = tmp_path / "models.config"
+    config.write_text(f"model_config_list {{ config {{ name: '{MODEL}' base_path: '{demo_models / MODEL}' "
+                      "model_platform: 'tensorflow' model_version_policy { all {} } } }\n")
+    own = [BackendProcess([f"--model_config_file={config}"], tmp_path / f"backend-{i}.log").start() for i in range(2)]
+    try:
+        for backend in own:
+            backend.wait_ready()
+        channel = await start(document(certs, own))
+        codes: Counter[str] = Counter()
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            while not stop.is_set():
+                try:
+                    await predict(channel)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as error:
+                    codes[f"{error.code().name}: {error.details()}"] += 1
+
+        clients = [asyncio.create_task(client()) for _ in range(4)]
+        while codes["OK"] < 30:
+            await asyncio.sleep(0.05)
+        assert own[0].process is not None
+        own[0].process.kill()
+        done = codes["OK"]
+        while codes["OK"] < done + 100:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*clients)
+        assert set(codes) == {"OK"}, codes
+    finally:
+        for backend in own:
+            backend.stop()
+
+
+def test_the_gateway_does_not_import_tensorflow() -> None:
+    """TF Serving's service modules import TensorFlow; the gateway's gRPC edge must not (seconds and hundreds of
+    MB per gateway process)."""
+    program = ("import sys, gateway.__main__, gateway.app, gateway.primary, gateway.grpc_edge; "
+               "sys.exit('tensorflow.python' in sys.modules)")
+    check = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False)
+    assert check.returncode == 0, check.stderr[-2000:]
