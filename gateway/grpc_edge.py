@@ -28,10 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from tensorflow_serving.apis.model_pb2 import ModelSpec
 
 from gateway import errors
 from gateway.accesslog import AccessLog, AccessRecord
-from gateway.grpc_wire import WireError, read_model_spec, with_model_spec
+from gateway.grpc_wire import WireError, read_model_spec, read_tasks, with_model_spec, with_task_versions
 from gateway.guard import Guard
 from gateway.http_edge import RequestIds, SnapshotSource
 from gateway.metrics import GatewayMetrics
@@ -44,11 +45,12 @@ METHODS = {
     "/tensorflow.serving.PredictionService/Classify": "classify",
     "/tensorflow.serving.PredictionService/Regress": "regress",
     "/tensorflow.serving.PredictionService/GetModelMetadata": "metadata",
+    "/tensorflow.serving.PredictionService/MultiInference": "multi_inference",  # authorized per task method
     "/tensorflow.serving.ModelService/GetModelStatus": "status",
 }
 # By name: importing TF Serving's service modules would import TensorFlow itself into the gateway.
 SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
-_INFERENCE = frozenset({"predict", "classify", "regress"})  # a split picks their version; status and metadata ask
+_INFERENCE = frozenset({"predict", "classify", "regress", "multi_inference"})  # a split picks their version; status and metadata ask
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
           429: grpc.StatusCode.RESOURCE_EXHAUSTED, 502: grpc.StatusCode.UNAVAILABLE,
@@ -128,13 +130,23 @@ class GrpcEdge(grpc.GenericRpcHandler):
                        context: grpc.aio.ServicerContext, metadata: dict[str, str], record: AccessRecord,
                        attempts: Attempts) -> _Answer:
         try:
-            spec, found = read_model_spec(request)
+            spec, found = read_model_spec(request) if kind != "multi_inference" else (ModelSpec(), [])
+            tasks = read_tasks(request) if kind == "multi_inference" else []
         except WireError as error:
             raise errors.BadRequest(f"The request is not a valid message: {error}") from None
+        granted = [kind]
+        if tasks:
+            spec, granted = tasks[0][0], sorted({_task_method(task_method) for _spec, task_method, _field in tasks})
+            if len({task_spec.name for task_spec, _method, _field in tasks}) > 1:
+                raise errors.BadRequest("every MultiInference task must name the same model")
+        elif kind == "multi_inference":
+            raise errors.BadRequest("MultiInference needs at least one task")
         if not spec.name:
             raise errors.BadRequest("model_spec.name is required")
         name = record.model = spec.name
-        principal = self._guard.identify(snapshot.authenticator, metadata, _client_certificate(context), name, kind)
+        certificate = _client_certificate(context)
+        for needed in granted:  # a MultiInference call needs each method its tasks use
+            principal = self._guard.identify(snapshot.authenticator, metadata, certificate, name, needed)
         record.principal = principal.name
         version = spec.version.value if spec.HasField("version") else None
         decision = snapshot.routes.route(name, version, spec.version_label or None, self._rng)
@@ -145,11 +157,14 @@ class GrpcEdge(grpc.GenericRpcHandler):
         record.version, record.label = decision.version, decision.label
         if kind in _INFERENCE and version is None and not spec.version_label and (
                 decision.version is not None or decision.label is not None):
-            if decision.version is not None:
-                spec.version.value = decision.version
+            if tasks:
+                request = with_task_versions(request, tasks, decision.version, decision.label)
             else:
-                spec.version_label = decision.label
-            request = with_model_spec(request, found, spec)
+                if decision.version is not None:
+                    spec.version.value = decision.version
+                else:
+                    spec.version_label = decision.label
+                request = with_model_spec(request, found, spec)
         forwarded = [(key, value) for key, value in metadata.items()
                      if key not in _NOT_FORWARDED and not key.startswith(("grpc-", ":"))]
         forwarded.append(("x-request-id", record.request_id))
@@ -208,3 +223,11 @@ async def set_serving(health: HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for service in ("", *SERVICES):
         await health.set(service, status)
+
+
+def _task_method(method_name: str) -> str:
+    """A MultiInference task's method as auth grants name it (TF Serving allows classify and regress there)."""
+    kind = method_name.rpartition("/")[2]
+    if kind not in ("classify", "regress"):
+        raise errors.BadRequest(f"MultiInference tasks classify or regress, not {method_name!r}")
+    return kind

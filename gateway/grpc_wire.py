@@ -25,6 +25,8 @@ from google.protobuf.message import DecodeError
 from tensorflow_serving.apis.model_pb2 import ModelSpec
 
 MODEL_SPEC_FIELD = 1
+TASKS_FIELD = 1  # MultiInferenceRequest.tasks: the model spec sits in each task
+_METHOD_NAME_FIELD = 2  # InferenceTask.method_name
 _LENGTH_DELIMITED = 2
 _FIXED_SIZES = {1: 8, 5: 4}  # wire type → bytes
 _MAX_VARINT_BYTES = 10
@@ -99,6 +101,48 @@ def read_model_spec(message: bytes) -> tuple[ModelSpec, list[Field]]:
 
 def with_model_spec(message: bytes, found: list[Field], spec: ModelSpec) -> bytes:
     """`message` with the model spec fields in `found` (from read_model_spec) replaced by `spec`."""
+    return _replace(message, found, [spec.SerializeToString()])
+
+
+def read_tasks(message: bytes) -> list[tuple[ModelSpec, str, Field]]:
+    """A MultiInferenceRequest's tasks (field 1, each an InferenceTask: model_spec = 1, method_name = 2): their
+    model spec, method name and where each task sits."""
+    data = memoryview(message)
+    tasks = []
+    for field in fields(message):
+        if field.number != TASKS_FIELD:
+            continue
+        if field.wire_type != _LENGTH_DELIMITED:
+            raise WireError(f"tasks has wire type {field.wire_type}, not a message")
+        task = bytes(data[field.value_start:field.end])
+        spec, _ = read_model_spec(task)
+        method = b"".join(bytes(memoryview(task)[f.value_start:f.end]) for f in fields(task)
+                          if f.number == _METHOD_NAME_FIELD and f.wire_type == _LENGTH_DELIMITED)
+        tasks.append((spec, method.decode("utf-8", "replace"), field))
+    return tasks
+
+
+def with_task_versions(message: bytes, tasks: list[tuple[ModelSpec, str, Field]], version: int | None,
+                       label: str | None) -> bytes:
+    """A MultiInferenceRequest whose every task asks for `version` or `label`, each keeping its own signature."""
+    data = memoryview(message)
+    payloads = []
+    for spec, _method, field in tasks:
+        task = bytes(data[field.value_start:field.end])
+        _, found = read_model_spec(task)
+        chosen = ModelSpec()
+        chosen.CopyFrom(spec)
+        if version is not None:
+            chosen.version.value = version
+        elif label is not None:
+            chosen.version_label = label
+        payloads.append(with_model_spec(task, found, chosen))
+    return _replace(message, [field for *_, field in tasks], payloads)
+
+
+def _replace(message: bytes, found: list[Field], payloads: list[bytes]) -> bytes:
+    """`message` without the fields in `found`, then `payloads` appended as field 1 (model_spec, or tasks): on the
+    wire, field order does not matter, and a repeated field keeps the order its items are appended in."""
     data = memoryview(message)
     parts: list[bytes | memoryview] = []
     position = 0
@@ -106,8 +150,8 @@ def with_model_spec(message: bytes, found: list[Field], spec: ModelSpec) -> byte
         parts.append(data[position:field.start])
         position = field.end
     parts.append(data[position:])
-    encoded = spec.SerializeToString()
-    parts.append(bytes((MODEL_SPEC_FIELD << 3 | _LENGTH_DELIMITED,)) + _encode_varint(len(encoded)) + encoded)
+    key = bytes((MODEL_SPEC_FIELD << 3 | _LENGTH_DELIMITED,))
+    parts.extend(key + _encode_varint(len(payload)) + payload for payload in payloads)
     return b"".join(parts)
 
 

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -206,3 +207,32 @@ def test_the_gateway_does_not_import_tensorflow() -> None:
                "sys.exit('tensorflow.python' in sys.modules)")
     check = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False)
     assert check.returncode == 0, check.stderr[-2000:]
+
+
+def multi_inference_request(label: str = "") -> inference_pb2.MultiInferenceRequest:
+    request = inference_pb2.MultiInferenceRequest()
+    for signature in ("regress_x_to_y", "regress_x_to_y2"):
+        task = request.tasks.add(method_name="tensorflow/serving/regress")
+        task.model_spec.name, task.model_spec.signature_name = MODEL, signature
+        if label:
+            task.model_spec.version_label = label
+    request.input.example_list.examples.add().features.feature["x"].float_list.value.append(2.0)
+    return request
+
+
+async def test_multi_inference_follows_the_split_in_every_task(start: Any, certs: CertPaths,
+                                                                backends: list[BackendProcess]) -> None:
+    channel = await start(document(certs, backends))
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    auth = [("x-api-key", KEY)]
+    split = await stub.MultiInference(multi_inference_request(), metadata=auth, timeout=10)
+    canary = await stub.MultiInference(multi_inference_request("canary"), metadata=auth, timeout=10)
+    assert [r.model_spec.version.value for r in split.results] == [1, 1]  # the split's version 1, in both tasks
+    assert [r.model_spec.version.value for r in canary.results] == [2, 2]
+    assert [r.model_spec.signature_name for r in split.results] == ["regress_x_to_y", "regress_x_to_y2"]
+    assert split.results[0].regression_result.regressions[0].value == 3.0  # x/2 + 2 at version 1
+    mixed = multi_inference_request()
+    mixed.tasks[1].model_spec.name = "other"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.MultiInference(mixed, metadata=auth, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

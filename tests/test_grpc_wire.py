@@ -9,12 +9,13 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     model_pb2,
     predict_pb2,
     regression_pb2,
 )
 
-from gateway.grpc_wire import WireError, fields, read_model_spec, with_model_spec
+from gateway.grpc_wire import WireError, fields, read_model_spec, read_tasks, with_model_spec, with_task_versions
 
 
 def predict_request(**spec: object) -> predict_pb2.PredictRequest:
@@ -98,3 +99,25 @@ def test_fields_walks_every_wire_type() -> None:
 def test_bad_bytes_raise_wire_error(data: bytes, message: str) -> None:
     with pytest.raises(WireError, match=message):
         read_model_spec(data)
+
+
+def test_multi_inference_tasks_are_read_and_every_one_rewritten() -> None:
+    request = inference_pb2.MultiInferenceRequest()
+    for signature, method in (("a", "tensorflow/serving/classify"), ("b", "tensorflow/serving/regress")):
+        task = request.tasks.add(method_name=method)
+        task.model_spec.name, task.model_spec.signature_name = "m", signature
+    request.input.example_list.examples.add().features.feature["x"].float_list.value.append(2.0)
+    data = request.SerializeToString()
+    tasks = read_tasks(data)
+    assert [(spec.name, spec.signature_name, method) for spec, method, _ in tasks] == [
+        ("m", "a", "tensorflow/serving/classify"), ("m", "b", "tensorflow/serving/regress")]
+    for version, label in ((7, None), (None, "canary")):
+        parsed = inference_pb2.MultiInferenceRequest.FromString(with_task_versions(data, tasks, version, label))
+        expected = inference_pb2.MultiInferenceRequest()
+        expected.CopyFrom(request)
+        for task in expected.tasks:
+            if version is not None:
+                task.model_spec.version.value = version
+            else:
+                task.model_spec.version_label = label
+        assert parsed == expected
