@@ -14,6 +14,9 @@ with {"instances": [1.0, 2.0, 5.0]}. Three ways to reach it:
                never to refuse, so the row shows what the checks cost
   (e) gateway, 2 workers   (b) with `workers: 2`: a primary and two gateway processes sharing the port
                (SO_REUSEPORT); its proxy CPU counts all three
+  (f) direct, gRPC   the same predict with TF Serving's gRPC client to the backend's gRPC port, plaintext
+  (g) gateway, gRPC   the same gateway process as (b), on its gRPC port over TLS: one channel, calls balanced
+  (h) nginx, gRPC     the same nginx as (c), `grpc_pass` over HTTP/2 with TLS, keep-alive to the backend
 each driven by two closed loops from bench.load, one keep-alive connection per request in flight, each --seconds
 after --warmup: 1 in flight (latency) and 32 in flight (throughput). Printed with the issue's two targets, from
 this run only: gateway requests/s at 32 over nginx's (>= 0.9), and the p50 the gateway adds at 1 in flight over
@@ -58,7 +61,7 @@ from bench.report import (
     verdict,
     write_json,
 )
-from bench.targets import rest_predict
+from bench.targets import Target, grpc_predict, rest_predict
 from gateway.certs import CertPaths, write_dev_certs
 from gateway.keys import digest
 
@@ -68,7 +71,8 @@ LATENCY_CONCURRENCY, THROUGHPUT_CONCURRENCY = CONCURRENCIES
 THROUGHPUT_TARGET, ADDED_P50_TARGET_MS = 0.9, 0.3
 CONTENDERS = {"direct": "(a) direct, http", "gateway": "(b) tfgate gateway, https", "nginx": "(c) nginx, https",
               "gateway_auth": "(d) tfgate gateway, https, auth + rate limits",
-              "gateway_2": "(e) tfgate gateway, https, 2 workers"}
+              "gateway_2": "(e) tfgate gateway, https, 2 workers", "direct_grpc": "(f) direct, gRPC",
+              "gateway_grpc": "(g) tfgate gateway, gRPC over TLS", "nginx_grpc": "(h) nginx grpc_pass, gRPC over TLS"}
 _UNLIMITED = {"per_second": 1e9, "burst": 1e9}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gateway-overhead.json"
 
@@ -107,28 +111,34 @@ def run(args: argparse.Namespace) -> int:
         certs = write_dev_certs(work / "certs", hosts=["localhost", "127.0.0.1"])
         backend.wait_ready()
         backend_address = f"127.0.0.1:{backend.rest_port}"
-        results += _measure("direct", backend, None, backend, args)
-        config = gateway_config(certs, [backend_address], "round_robin", free_port(), free_port())
+        backend_grpc = f"127.0.0.1:{backend.grpc_port}"
+        results += _measure("direct", backend, _rest(backend, None), backend, args)
+        results += _measure("direct_grpc", backend, _grpc(backend.grpc_port, None), backend, args)
+        config = gateway_config(certs, [backend_address], "round_robin", free_port(), free_port(),
+                                grpc_port=free_port(), grpc_backends=[backend_grpc])
         access_log = work / "access.log"
         with GatewayProcess(config, work, access_log) as gateway:
-            results += _measure("gateway", gateway.wait_ready(), certs, backend, args)
+            results += _measure("gateway", gateway.wait_ready(), _rest(gateway, certs), backend, args)
+            grpc_port = int(config["listen"]["grpc"].rpartition(":")[2])
+            results += _measure("gateway_grpc", gateway, _grpc(grpc_port, certs), backend, args)
         document["gateway_access_log_lines"] = sum(1 for _ in access_log.open("rb"))
         two = gateway_config(certs, [backend_address], "round_robin", free_port(), free_port(), workers=2)
         with GatewayProcess(two, work, work / "access-2.log") as gateway:
-            results += _measure("gateway_2", gateway.wait_ready(), certs, backend, args)
+            results += _measure("gateway_2", gateway.wait_ready(), _rest(gateway, certs), backend, args)
         key = secrets.token_urlsafe(24)
         config["auth"] = {"required": True, "admin_keys": config["auth"]["admin_keys"],
                           "api_keys": [{"name": "bench", "sha256": digest(key), "models": [MODEL],
                                         "methods": ["predict"], "rate": _UNLIMITED}]}
         config["rate_limits"] = {"default": _UNLIMITED, "models": {MODEL: _UNLIMITED}}
         with GatewayProcess(config, work, work / "access-auth.log") as gateway:
-            results += _measure("gateway_auth", gateway.wait_ready(), certs, backend, args,
-                                (("authorization", f"Bearer {key}"),))
+            results += _measure("gateway_auth", gateway.wait_ready(),
+                                _rest(gateway, certs, (("authorization", f"Bearer {key}"),)), backend, args)
         if nginx is None:
             skipped["nginx"] = NGINX_MISSING if args.nginx is None else f"{args.nginx} is not an executable"
         else:
-            with NginxProcess(nginx, certs, [backend_address]) as proxy:
-                results += _measure("nginx", proxy.wait_ready(), certs, backend, args)
+            with NginxProcess(nginx, certs, [backend_address], [backend_grpc]) as proxy:
+                results += _measure("nginx", proxy.wait_ready(), _rest(proxy, certs), backend, args)
+                results += _measure("nginx_grpc", proxy, _grpc(proxy.grpc_port, certs), backend, args)
     targets = _targets(results)
     write_json(args.out, {
         "benchmark": "gateway-overhead", "model": MODEL, "version": VERSION, "body": {"instances": INSTANCES},
@@ -139,11 +149,22 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(result["errors"] for result in results) else 0
 
 
-def _measure(contender: str, server: ServerProcess, certs: CertPaths | None, backend: ServerProcess,
-             args: argparse.Namespace, headers: tuple[tuple[str, str], ...] = ()) -> list[dict[str, Any]]:
-    """Both loops against `server`; `certs` for https. The proxy's CPU is the server's, unless that is the backend."""
-    target = rest_predict(server.url, MODEL, VERSION, np.array(INSTANCES, np.float32),
-                          cacert=None if certs is None else certs.ca_cert, headers=headers)
+def _rest(server: ServerProcess, certs: CertPaths | None, headers: tuple[tuple[str, str], ...] = ()) -> Target:
+    """The REST predict at `server`; `certs` for https."""
+    return rest_predict(server.url, MODEL, VERSION, np.array(INSTANCES, np.float32),
+                        cacert=None if certs is None else certs.ca_cert, headers=headers)
+
+
+def _grpc(port: int, certs: CertPaths | None) -> Target:
+    """The same predict with TF Serving's gRPC client on one channel; `certs` for TLS."""
+    scheme = "grpc" if certs is None else "grpcs"
+    return grpc_predict(f"{scheme}://127.0.0.1:{port}", MODEL, VERSION, "x", np.array(INSTANCES, np.float32),
+                        cacert=None if certs is None else certs.ca_cert)
+
+
+def _measure(contender: str, server: ServerProcess, target: Target, backend: ServerProcess,
+             args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Both loops against `target`, served by `server`, whose CPU is the proxy's unless it is the backend."""
     watched = {"backend_cpu": backend} if server is backend else {"backend_cpu": backend, "proxy_cpu": server}
     results = []
     for concurrency in CONCURRENCIES:
@@ -151,7 +172,7 @@ def _measure(contender: str, server: ServerProcess, certs: CertPaths | None, bac
         with CpuMeter(watched) as cpu:
             summary = run_load(target, Load(concurrency, None, args.seconds, args.warmup), label)
         results.append({"contender": contender, "key": f"{contender}_{concurrency}", "label": label,
-                        "url": server.url, **summary, **cpu.shares})
+                        "url": target.describe()["url"], **summary, **cpu.shares})
     return results
 
 
@@ -170,8 +191,8 @@ def _targets(results: list[dict[str, Any]]) -> dict[str, Any]:
         p50_us = None if result is None else result["latency_us"]["p50"]
         return None if p50_us is None else p50_us / 1e3
 
-    def added(contender: str) -> float | None:
-        proxied, direct = p50_ms(contender), p50_ms("direct")
+    def added(contender: str, baseline: str = "direct") -> float | None:
+        proxied, direct = p50_ms(contender), p50_ms(baseline)
         return None if proxied is None or direct is None else proxied - direct
 
     throughput = ratio(requests_per_s("gateway"), requests_per_s("nginx"))
@@ -191,6 +212,10 @@ def _targets(results: list[dict[str, Any]]) -> dict[str, Any]:
         "auth": {"throughput_ratio": ratio(requests_per_s("gateway_auth"), requests_per_s("gateway")),
                  "added_p50_ms": auth_added},
         "workers": {"two_over_one": ratio(requests_per_s("gateway_2"), requests_per_s("gateway"))},
+        "grpc": {"gateway_over_direct": ratio(requests_per_s("gateway_grpc"), requests_per_s("direct_grpc")),
+                 "gateway_over_nginx": ratio(requests_per_s("gateway_grpc"), requests_per_s("nginx_grpc")),
+                 "gateway_added_p50_ms": added("gateway_grpc", "direct_grpc"),
+                 "nginx_added_p50_ms": added("nginx_grpc", "direct_grpc")},
     }
 
 
@@ -226,5 +251,9 @@ def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipp
           f"{number(auth['added_p50_ms'], 3)} ms")
     print(f"2 gateway workers / 1: throughput at {throughput['concurrency']} = "
           f"{number(targets['workers']['two_over_one'], 3)}")
+    grpc = targets["grpc"]
+    print(f"gRPC at {throughput['concurrency']}: gateway / direct = {number(grpc['gateway_over_direct'], 3)}, "
+          f"gateway / nginx = {number(grpc['gateway_over_nginx'], 3)}; p50 added at {added['concurrency']}: gateway "
+          f"{number(grpc['gateway_added_p50_ms'], 3)} ms, nginx {number(grpc['nginx_added_p50_ms'], 3)} ms")
     print_errors((result["label"], result) for result in results)
     print(f"results: {args.out}", file=sys.stderr)

@@ -51,14 +51,19 @@ def nginx_version(nginx: str) -> str:
 
 
 def gateway_config(certs: CertPaths, backends: Sequence[str], balancer: str, https_port: int,
-                   admin_port: int, workers: int = 1) -> dict[str, Any]:
-    """One pool of `backends` (host:port) behind one catch-all route; everything else the gateway's defaults, but
-    one process unless `workers` says otherwise (nginx here runs one worker too)."""
+                   admin_port: int, workers: int = 1, grpc_port: int | None = None,
+                   grpc_backends: Sequence[str] = ()) -> dict[str, Any]:
+    """One pool of `backends` (host:port; with `grpc_backends`, their gRPC addresses in the same order) behind one
+    catch-all route; everything else the gateway's defaults, but one process unless `workers` says otherwise (nginx
+    here runs one worker too), and gRPC on `grpc_port` when given."""
+    grpc = {"grpc": f"{HOST}:{grpc_port}"} if grpc_port is not None else {}
+    addresses = [{"rest": backend, **({"grpc": grpc_backends[index]} if grpc_backends else {})}
+                 for index, backend in enumerate(backends)]
     return {
         "workers": workers,
-        "listen": {"https": f"{HOST}:{https_port}", "admin": f"{HOST}:{admin_port}"},
+        "listen": {"https": f"{HOST}:{https_port}", "admin": f"{HOST}:{admin_port}", **grpc},
         "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key)},
-        "pools": {"backends": {"balancer": balancer, "backends": [{"rest": backend} for backend in backends]}},
+        "pools": {"backends": {"balancer": balancer, "backends": addresses}},
         "routes": [{"model": "*", "pool": "backends"}],
         # A proxy against a proxy: nginx here authenticates no one either. The admin key lets the bench read state.
         "auth": {"required": False, "admin_keys": [{"name": "bench", "sha256": digest(ADMIN_KEY)}]},
@@ -134,13 +139,15 @@ class NginxProcess(ServerProcess):
     system's temp directory, which stop() removes: run as root, nginx's worker runs as nobody, and must be able to
     reach its temp paths, which a caller's private (0700) directory would not let it."""
 
-    def __init__(self, nginx: str, certs: CertPaths, upstreams: Sequence[str]) -> None:
+    def __init__(self, nginx: str, certs: CertPaths, upstreams: Sequence[str], grpc_upstreams: Sequence[str] = ()
+                 ) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="tfgate-nginx-"))
         self.work.chmod(0o755)
         self.error_log = self.work / "error.log"
         port = free_port()
+        self.grpc_port = free_port() if grpc_upstreams else 0  # gRPC over TLS with grpc_pass, when upstreams given
         config = self.work / "nginx.conf"
-        config.write_text(_nginx_config(self.work, certs, upstreams, port))
+        config.write_text(_nginx_config(self.work, certs, upstreams, port, grpc_upstreams, self.grpc_port))
         super().__init__("nginx", [], port, self.work / "nginx.out")
         self._command = [nginx, "-p", f"{self.work}/", "-c", str(config), "-e", str(self.error_log),
                          "-g", "daemon off;"]
@@ -160,8 +167,28 @@ class NginxProcess(ServerProcess):
         return super().log() + error_log
 
 
-def _nginx_config(work: Path, certs: CertPaths, upstreams: Sequence[str], port: int) -> str:
+def _nginx_config(work: Path, certs: CertPaths, upstreams: Sequence[str], port: int,
+                  grpc_upstreams: Sequence[str] = (), grpc_port: int = 0) -> str:
     servers = "\n".join(f"        server {upstream};" for upstream in upstreams)
+    tls = f"""ssl_certificate {certs.server_cert};
+        ssl_certificate_key {certs.server_key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {TLS12_CIPHERS};
+        ssl_prefer_server_ciphers on;
+        keepalive_requests 1000000;"""
+    grpc = "" if not grpc_upstreams else f"""
+    upstream grpc_backends {{
+{chr(10).join(f"        server {upstream};" for upstream in grpc_upstreams)}
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {HOST}:{grpc_port} ssl http2;
+        {tls}
+        location / {{
+            grpc_pass grpc://grpc_backends;
+        }}
+    }}"""
     temp = "\n".join(f"    {kind}_temp_path {work / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
                                                                              "scgi"))
     # keepalive_requests: nginx closes a keep-alive connection after 1000 requests by default, client side and
@@ -182,18 +209,13 @@ http {{
     }}
     server {{
         listen {HOST}:{port} ssl;
-        ssl_certificate {certs.server_cert};
-        ssl_certificate_key {certs.server_key};
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_ciphers {TLS12_CIPHERS};
-        ssl_prefer_server_ciphers on;
-        keepalive_requests 1000000;
+        {tls}
         location / {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}
-    }}
+    }}{grpc}
 }}
 """
 

@@ -9,8 +9,8 @@ import math
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -180,18 +180,24 @@ def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo
     printed, report = run_bench("gateway-overhead", out, "0.5", *extra)
     contenders = {result["contender"] for result in report["results"]}
     if "nginx" in report["skipped"]:  # nginx not installed here, or "missing"
-        assert contenders == {"direct", "gateway", "gateway_auth", "gateway_2"}
-        assert report["targets"]["throughput"]["met"] is None
+        assert contenders == {"direct", "gateway", "gateway_auth", "gateway_2", "direct_grpc", "gateway_grpc"}
+        assert report["targets"]["throughput"]["met"] is None and report["targets"]["grpc"]["gateway_over_nginx"] is None
         assert "(c) nginx, https: skipped: " in printed
     else:
-        assert nginx == "found" and contenders == {"direct", "gateway", "gateway_auth", "gateway_2", "nginx"}
+        assert nginx == "found" and contenders == {"direct", "gateway", "gateway_auth", "gateway_2", "nginx",
+                                                   "direct_grpc", "gateway_grpc", "nginx_grpc"}
+        assert report["targets"]["grpc"]["gateway_over_nginx"] > 0
         assert report["nginx"]["version"] and report["targets"]["throughput"]["met"] in (True, False)
     assert {result["key"] for result in report["results"]} == {f"{name}_{n}" for name in contenders for n in (1, 32)}
     for result in report["results"]:
         assert result["count"] > 0 and result["errors"] == 0, (result["label"], result["first_error"])
         assert set(result["latency_us"]) == PERCENTILE_KEYS
-        assert result["connections"] == result["concurrency"]  # keep-alive held, through the proxies too
-    assert report["results"][0]["url"].startswith("http://") and report["results"][-1]["url"].startswith("https://")
+        # keep-alive held, through the proxies too; gRPC multiplexes every call on its one channel
+        assert result["connections"] == (1 if result["contender"].endswith("grpc") else result["concurrency"])
+    schemes = {result["contender"]: result["url"].partition(":")[0] for result in report["results"]}
+    assert schemes["direct"] == "http" and schemes["direct_grpc"] == "grpc" and schemes["gateway_grpc"] == "grpcs"
+    assert {schemes[name] for name in contenders if not name.endswith("grpc") and name != "direct"} == {"https"}
+    assert report["targets"]["grpc"]["gateway_over_direct"] > 0 and "gRPC at 32: gateway / direct = " in printed
     assert report["gateway_access_log_lines"] > 0  # the gateway really served, and logged
     assert {"ratio", "target", "met"} <= set(report["targets"]["throughput"])
     assert {"gateway_added_ms", "nginx_added_ms", "target_ms", "met"} <= set(report["targets"]["added_p50"])
