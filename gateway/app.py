@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1.health import aio as health_aio
 
 from backend.http_server import HttpServer, json_error_body
 from gateway.accesslog import AccessLog
@@ -33,7 +34,7 @@ from gateway.admin import Admin
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.fleet import FleetSection
-from gateway.grpc_edge import GrpcEdge, HealthServicer, add_health, set_serving
+from gateway.grpc_edge import GrpcEdge, add_health, set_serving
 from gateway.guard import Guard
 from gateway.http_edge import Edge
 from gateway.metrics import GatewayMetrics
@@ -81,7 +82,7 @@ class Gateway:
         self._edge_server: HttpServer | None = None
         self._grpc_server: grpc.aio.Server | None = None
         self._grpc_edge: GrpcEdge | None = None
-        self._grpc_health: HealthServicer | None = None
+        self._grpc_health: health_aio.HealthServicer | None = None
         self.grpc_port = 0  # once listening, when listen.grpc is set
         self._admin_server: HttpServer | None = None
         self._watchers: list[asyncio.Task[object]] = []

@@ -16,7 +16,9 @@ DEADLINE_EXCEEDED. Credentials in the metadata are never forwarded; the request 
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -27,17 +29,20 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # grpc_health's public name for its asyncio servicer
 from tensorflow_serving.apis.model_pb2 import ModelSpec
 
 from gateway import errors
 from gateway.accesslog import AccessLog, AccessRecord
+from gateway.auth import AuthError
 from gateway.grpc_wire import WireError, read_model_spec, read_tasks, with_model_spec, with_task_versions
 from gateway.guard import Guard
 from gateway.http_edge import RequestIds, SnapshotSource
 from gateway.metrics import GatewayMetrics
 from gateway.snapshot import Snapshot
 from gateway.upstream import Attempts, BackendRuntime, Upstreams
+
+log = logging.getLogger("tfgate.gateway")
 
 # The calls served, with the method name auth grants use.
 METHODS = {
@@ -50,13 +55,13 @@ METHODS = {
 }
 # By name: importing TF Serving's service modules would import TensorFlow itself into the gateway.
 SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+RELOAD_CONFIG = "/tensorflow.serving.ModelService/HandleReloadConfigRequest"
 _INFERENCE = frozenset({"predict", "classify", "regress", "multi_inference"})  # a split picks their version; status and metadata ask
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
           429: grpc.StatusCode.RESOURCE_EXHAUSTED, 502: grpc.StatusCode.UNAVAILABLE,
           503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 _NOT_FORWARDED = frozenset({"authorization", "x-api-key", "cookie", "x-request-id", "user-agent"})
-HealthServicer = health_aio.HealthServicer
 _CHANNEL_OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
 
 
@@ -85,10 +90,37 @@ class GrpcEdge(grpc.GenericRpcHandler):
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         """Bytes in, bytes out: no (de)serializer, so only the model spec is ever parsed. Others: UNIMPLEMENTED."""
         method = handler_call_details.method  # type: ignore[attr-defined]
+        if method == RELOAD_CONFIG:
+            return grpc.unary_unary_rpc_method_handler(self._reload_backends)
         kind = METHODS.get(method)
         if kind is None:
             return None
         return grpc.unary_unary_rpc_method_handler(functools.partial(self._call, method, kind))
+
+    async def _reload_backends(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """HandleReloadConfigRequest is an admin operation: only with a key from `auth.admin_keys`, then sent to
+        every backend with a gRPC address, in every pool; the first failure is the answer, else the first reply."""
+        snapshot = self._source.snapshot
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        try:
+            admin = snapshot.authenticator.authenticate_admin(metadata)
+        except AuthError as error:
+            self._metrics.auth_failed(status=error.status)
+            await context.abort(_CODES[error.status], error.message)
+        backends = {str(backend.address.grpc): backend for pool in snapshot.pools.values()
+                    for backend in pool.backends if backend.address.grpc is not None}
+        if not backends:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "No backend has a gRPC address to reload")
+        timeout_s = snapshot.config.limits.request_timeout_s
+        answers = await asyncio.gather(*(self._send(backend, RELOAD_CONFIG, request, timeout_s, [])
+                                         for backend in backends.values()))
+        failed = [answer for answer in answers if answer.code is not grpc.StatusCode.OK]
+        log.warning("HandleReloadConfigRequest by admin key %r sent to %d backend(s): %d failed", admin,
+                    len(answers), len(failed))
+        if failed:
+            await context.abort(failed[0].code, f"{len(failed)} of {len(answers)} backends failed: "
+                                                f"{failed[0].details}")
+        return answers[0].body
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
@@ -173,15 +205,7 @@ class GrpcEdge(grpc.GenericRpcHandler):
         deadline = self._clock() + (budget_s if client_remaining is None else min(budget_s, client_remaining))
 
         async def send(backend: BackendRuntime, remaining_s: float) -> _Answer:
-            channel = self._channel(backend)
-            if channel is None:
-                return _Answer(grpc.StatusCode.UNAVAILABLE, f"backend {backend.name} has no gRPC address", b"", ())
-            call = channel.unary_unary(method)(request, timeout=remaining_s, metadata=forwarded)
-            try:
-                body = await call
-            except grpc.aio.AioRpcError as error:
-                return _Answer(error.code(), error.details() or "", b"", ())
-            return _Answer(grpc.StatusCode.OK, "", body, ())
+            return await self._send(backend, method, request, remaining_s, forwarded)
 
         answer = await self._upstreams.forward_with(
             snapshot.pools[decision.pool], send, lambda answer: answer.code is grpc.StatusCode.UNAVAILABLE,
@@ -189,6 +213,18 @@ class GrpcEdge(grpc.GenericRpcHandler):
         if answer.code is not grpc.StatusCode.OK:
             attempts.detail = attempts.detail or f"backend {attempts.upstream}: {answer.code.name} {answer.details}"
         return _Answer(answer.code, answer.details, answer.body, limit_headers)
+
+    async def _send(self, backend: BackendRuntime, method: str, request: bytes, timeout_s: float,
+                    metadata: list[tuple[str, str]]) -> _Answer:
+        """One call to one backend: its answer or status (never raises for the backend's failure)."""
+        channel = self._channel(backend)
+        if channel is None:
+            return _Answer(grpc.StatusCode.UNAVAILABLE, f"backend {backend.name} has no gRPC address", b"", ())
+        try:
+            body = await channel.unary_unary(method)(request, timeout=timeout_s, metadata=metadata)
+        except grpc.aio.AioRpcError as error:
+            return _Answer(error.code(), error.details() or "", b"", ())
+        return _Answer(grpc.StatusCode.OK, "", body, ())
 
     def _channel(self, backend: BackendRuntime) -> grpc.aio.Channel | None:
         address = backend.address.grpc
@@ -212,14 +248,14 @@ def _client_certificate(context: grpc.aio.ServicerContext) -> bytes | None:
     return _der(pems[0]) if pems else None
 
 
-def add_health(server: grpc.aio.Server) -> HealthServicer:
+def add_health(server: grpc.aio.Server) -> health_aio.HealthServicer:
     """`grpc.health.v1`, open like /healthz: the gateway's own readiness, overall and per service."""
-    health = HealthServicer()
+    health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     return health
 
 
-async def set_serving(health: HealthServicer, serving: bool) -> None:
+async def set_serving(health: health_aio.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for service in ("", *SERVICES):
         await health.set(service, status)

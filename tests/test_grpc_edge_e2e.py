@@ -5,6 +5,8 @@ refusals as gRPC codes."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -22,16 +24,18 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
+    model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
 
 from bench.backend_process import BackendProcess
+from gateway.accesslog import AccessLog
 from gateway.app import Gateway
 from gateway.certs import CertPaths
 from gateway.keys import digest
-from tests.gateway_support import MODEL, config_document
+from tests.gateway_support import ADMIN_KEY, MODEL, config_document
 
 KEY, LIMITED_KEY, OTHER_KEY = "tfg_grpc-test-key", "tfg_grpc-limited-key", "tfg_grpc-other-model-key"
 
@@ -52,17 +56,20 @@ def document(certs: CertPaths, backends: list[BackendProcess], **overrides: Any)
 @pytest.fixture
 async def start(tmp_path: Path, certs: CertPaths) -> AsyncIterator[Callable[..., Any]]:
     started: list[tuple[Gateway, grpc.aio.Channel]] = []
+    gateways: list[Gateway] = []
 
-    async def run(doc: dict[str, Any]) -> grpc.aio.Channel:
+    async def run(doc: dict[str, Any], access_log: AccessLog | None = None) -> grpc.aio.Channel:
         path = tmp_path / f"gateway-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(doc))
-        gateway = Gateway(path, watch_file=False)
+        gateway = Gateway(path, watch_file=False, access_log=access_log)
         await gateway.start()
+        gateways.append(gateway)
         credentials = grpc.ssl_channel_credentials(root_certificates=certs.ca_cert.read_bytes())
         channel = grpc.aio.secure_channel(f"localhost:{gateway.grpc_port}", credentials)
         started.append((gateway, channel))
         return channel
 
+    run.gateways = gateways  # type: ignore[attr-defined]
     yield run
     for gateway, channel in started:
         await channel.close()
@@ -236,3 +243,36 @@ async def test_multi_inference_follows_the_split_in_every_task(start: Any, certs
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.MultiInference(mixed, metadata=auth, timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_reload_config_is_an_admin_operation_sent_to_every_backend(
+        start: Any, certs: CertPaths, backends: list[BackendProcess]) -> None:
+    channel = await start(document(certs, backends))
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    request = model_management_pb2.ReloadConfigRequest()  # no config: each backend answers OK and changes nothing
+    for metadata, code in (([], grpc.StatusCode.UNAUTHENTICATED),
+                           ([("authorization", f"Bearer {KEY}")], grpc.StatusCode.UNAUTHENTICATED)):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:  # a data-plane key is not an admin key
+            await stub.HandleReloadConfigRequest(request, metadata=metadata, timeout=10)
+        assert raised.value.code() == code
+    answer = await stub.HandleReloadConfigRequest(request, metadata=[("authorization", f"Bearer {ADMIN_KEY}")],
+                                                  timeout=10)
+    assert answer.status.error_code == 0
+
+
+async def test_grpc_calls_are_in_the_metrics_and_the_access_log(start: Any, certs: CertPaths,
+                                                                 backends: list[BackendProcess]) -> None:
+    lines = io.BytesIO()
+    channel = await start(document(certs, backends), access_log=AccessLog(lines, flush_s=0))
+    await predict(channel)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await predict(channel, model="no_such_model")
+    gateway = start.gateways[-1]
+    gateway.access_log.flush()
+    records = [json.loads(line) for line in lines.getvalue().splitlines()]
+    assert [(r["protocol"], r["grpc_status"], r["model"]) for r in records] == [
+        ("grpc", "OK", MODEL), ("grpc", "NOT_FOUND", "no_such_model")]
+    assert records[0]["path"] == "/tensorflow.serving.PredictionService/Predict" and records[0]["upstream"]
+    exposition = gateway.metrics.exposition()[0].decode()
+    assert f'code="OK",model="{MODEL}",protocol="grpc"' in exposition
+    assert 'code="NOT_FOUND",model="",protocol="grpc"' in exposition
