@@ -50,7 +50,7 @@ from gateway.reloading import (
 from gateway.routes import RouteTable
 from gateway.shared_buckets import SharedBuckets
 from gateway.snapshot import Snapshot
-from gateway.tls import grpc_server_credentials, switching_context
+from gateway.tls import GrpcCertificates, switching_context
 from gateway.upstream import Upstreams
 
 log = logging.getLogger("tfgate.gateway")
@@ -82,6 +82,7 @@ class Gateway:
         self._edge_server: HttpServer | None = None
         self._grpc_server: grpc.aio.Server | None = None
         self._grpc_edge: GrpcEdge | None = None
+        self._grpc_certificates: GrpcCertificates | None = None
         self._grpc_health: health_aio.HealthServicer | None = None
         self.grpc_port = 0  # once listening, when listen.grpc is set
         self._admin_server: HttpServer | None = None
@@ -217,6 +218,8 @@ class Gateway:
                                        self._fleet, self._install_next)
 
     async def _install_next(self, read: ReadConfig) -> str:
+        if self._grpc_certificates is not None:  # the files were just read and checked: read them for gRPC too
+            await asyncio.to_thread(self._grpc_certificates.update, read[0].tls)
         generation = self.generation + 1
         self._install(*read, generation)
         return f"generation {generation} applied"
@@ -230,8 +233,9 @@ class Gateway:
         self._grpc_server = grpc.aio.server(handlers=[self._grpc_edge],
                                             options=[("grpc.so_reuseport", int(self._reuse_port))])
         self._grpc_health = add_health(self._grpc_server)
+        self._grpc_certificates = GrpcCertificates(config.tls)
         self.grpc_port = self._grpc_server.add_secure_port(str(config.listen.grpc),
-                                                           grpc_server_credentials(config.tls))
+                                                           self._grpc_certificates.credentials)
         await self._grpc_server.start()
         await set_serving(self._grpc_health, True)
 

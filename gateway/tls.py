@@ -53,8 +53,28 @@ def switching_context(current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     return listener
 
 
-def grpc_server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
-    """The same certificate, key and client verification for the gRPC listener (gRPC's TLS offers 1.2 and 1.3)."""
+class GrpcCertificates:
+    """The gRPC listener's certificate, key and client CA, replaced on reload like the REST edge's: gRPC asks
+    `fetch` before each new handshake, which answers a new configuration once after `update`, else None (no
+    change). Connections already open keep theirs. Whether client certificates are required is fixed at start, as
+    for REST (a reload may not change tls.client_cert)."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.credentials = grpc.dynamic_ssl_server_credentials(
+            _grpc_configuration(tls), self.fetch, require_client_authentication=tls.client_cert == "required")
+
+    def update(self, tls: TlsConfig) -> None:
+        """Read the files (call it off the event loop); the next handshake uses them."""
+        self._pending = _grpc_configuration(tls)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        pending, self._pending = self._pending, None
+        return pending
+
+
+def _grpc_configuration(tls: TlsConfig) -> grpc.ServerCertificateConfiguration:
+    """gRPC's TLS (BoringSSL) offers 1.2 and 1.3 only; client certificates are verified against tls.client_ca."""
     root = tls.client_ca.read_bytes() if tls.client_ca is not None and tls.client_cert != "none" else None
-    return grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())], root_certificates=root,
-                                       require_client_auth=tls.client_cert == "required")
+    return grpc.ssl_server_certificate_configuration([(tls.key.read_bytes(), tls.cert.read_bytes())],
+                                                     root_certificates=root)

@@ -33,7 +33,7 @@ from tensorflow_serving.apis import (
 from bench.backend_process import BackendProcess
 from gateway.accesslog import AccessLog
 from gateway.app import Gateway
-from gateway.certs import CertPaths
+from gateway.certs import CertPaths, write_dev_certs
 from gateway.keys import digest
 from tests.gateway_support import ADMIN_KEY, MODEL, config_document
 
@@ -276,3 +276,25 @@ async def test_grpc_calls_are_in_the_metrics_and_the_access_log(start: Any, cert
     exposition = gateway.metrics.exposition()[0].decode()
     assert f'code="OK",model="{MODEL}",protocol="grpc"' in exposition
     assert 'code="NOT_FOUND",model="",protocol="grpc"' in exposition
+
+
+async def test_a_reload_rotates_the_grpc_certificates(start: Any, certs: CertPaths, tmp_path: Path,
+                                                      backends: list[BackendProcess]) -> None:
+    doc = document(certs, backends)
+    channel = await start(doc)
+    gateway = start.gateways[-1]
+    assert (await predict(channel))[0] == [3.0]
+    rotated = write_dev_certs(tmp_path / "rotated", hosts=["localhost", "127.0.0.1"])
+    doc["tls"] = {**doc["tls"], "cert": str(rotated.server_cert), "key": str(rotated.server_key)}
+    gateway.config_path.write_text(yaml.safe_dump(doc))
+    assert (await gateway.reload("test"))[0]
+    for ca, works in ((rotated.ca_cert, True), (certs.ca_cert, False)):
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+        async with grpc.aio.secure_channel(f"localhost:{gateway.grpc_port}", credentials) as fresh:
+            if works:
+                assert (await predict(fresh))[0] == [3.0]
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await predict(fresh)
+                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails: not trusted
+    assert (await predict(channel))[0] == [3.0]  # the connection open before keeps its handshake
