@@ -42,12 +42,14 @@ from gateway.devices import Gpu, detect_gpus, run_command
 from gateway.fleet_plan import Worker, free_pair, plan_workers, port_flags, port_pair
 from gateway.metrics import GatewayMetrics, WorkerState
 from gateway.restart_policy import RestartPolicy
+from gateway.upstream_http import HttpPool, UpstreamError
 
 log = logging.getLogger("tfgate.fleet")
 
 HOST = "127.0.0.1"
 _POLL_S = 0.2
 _LEAVE_TIMEOUT_S = 10.0
+_PROBE_TIMEOUT_S = 2.0
 # Called when the set of serving workers changed; None once the gateway applied it, or a future of when it has.
 MembershipListener = Callable[[], "asyncio.Future[None] | None"]
 _PR_SET_PDEATHSIG = 1
@@ -339,18 +341,15 @@ class Fleet:
         await asyncio.gather(process.pump, return_exceptions=True)
 
     async def _answers_ready(self, rest: HostPort) -> bool:
+        """One readiness probe, with the client the gateway's own health checks use."""
+        probe = HttpPool(rest.host, rest.port, connect_timeout_s=_PROBE_TIMEOUT_S)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(rest.host, rest.port), 1.0)
-        except (OSError, TimeoutError):
-            return False
-        try:
-            writer.write(f"GET {self._health_path} HTTP/1.1\r\nHost: {rest}\r\nConnection: close\r\n\r\n".encode())
-            status_line = await asyncio.wait_for(reader.readline(), 2.0)
-            return status_line.split(b" ", 2)[1:2] == [b"200"]
-        except (OSError, TimeoutError):
+            response = await probe.request("GET", self._health_path, [("host", str(rest))], b"", _PROBE_TIMEOUT_S)
+        except UpstreamError:
             return False
         finally:
-            writer.close()
+            await probe.close()
+        return response.status == 200
 
     # ---- helpers ------------------------------------------------------------------------------------------------
 

@@ -86,22 +86,20 @@ class GrpcEdge(grpc.GenericRpcHandler):
         self._clock = clock
         self._ids = RequestIds()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._handlers = {method: grpc.unary_unary_rpc_method_handler(functools.partial(self._call, method, kind))
+                          for method, kind in METHODS.items()}
+        self._handlers[RELOAD_CONFIG] = grpc.unary_unary_rpc_method_handler(self._reload_backends)
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        """Bytes in, bytes out: no (de)serializer, so only the model spec is ever parsed. Others: UNIMPLEMENTED."""
-        method = handler_call_details.method  # type: ignore[attr-defined]
-        if method == RELOAD_CONFIG:
-            return grpc.unary_unary_rpc_method_handler(self._reload_backends)
-        kind = METHODS.get(method)
-        if kind is None:
-            return None
-        return grpc.unary_unary_rpc_method_handler(functools.partial(self._call, method, kind))
+        """Bytes in, bytes out: no (de)serializer, so only the model spec is ever parsed. Others: UNIMPLEMENTED.
+        gRPC asks on every call: the handlers are made once."""
+        return self._handlers.get(handler_call_details.method)  # type: ignore[attr-defined]
 
     async def _reload_backends(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """HandleReloadConfigRequest is an admin operation: only with a key from `auth.admin_keys`, then sent to
         every backend with a gRPC address, in every pool; the first failure is the answer, else the first reply."""
         snapshot = self._source.snapshot
-        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        metadata = _metadata(context)
         try:
             admin = snapshot.authenticator.authenticate_admin(metadata)
         except AuthError as error:
@@ -130,7 +128,7 @@ class GrpcEdge(grpc.GenericRpcHandler):
     async def _call(self, method: str, kind: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         snapshot = self._source.snapshot
         started = self._clock()
-        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        metadata = _metadata(context)
         record = AccessRecord(request_id=metadata.get("x-request-id") or self._ids.next(), method="POST",
                               path=method, peer=context.peer(), bytes_in=len(request), protocol="grpc")
         attempts = Attempts()
@@ -267,3 +265,8 @@ def _task_method(method_name: str) -> str:
     if kind not in ("classify", "regress"):
         raise errors.BadRequest(f"MultiInference tasks classify or regress, not {method_name!r}")
     return kind
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata (keys arrive lower-case); binary (-bin) values are never credentials."""
+    return {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
