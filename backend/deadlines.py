@@ -12,6 +12,8 @@ import time
 from concurrent.futures import Executor
 from typing import Callable, TypeVar
 
+import grpc
+
 from backend.errors import DeadlineExceeded
 
 T = TypeVar("T")
@@ -33,3 +35,9 @@ async def run_before_deadline(executor: Executor, deadline: float | None, work: 
         return await asyncio.wait_for(future, None if deadline is None else deadline - time.monotonic())
     except TimeoutError:
         raise DeadlineExceeded(expired_message) from None
+
+
+def cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why gRPC cancelled a call's handler: its deadline passed, or the client cancelled it (or left)."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED

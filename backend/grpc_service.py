@@ -8,6 +8,7 @@ exception is logged and reaches the client as INTERNAL without its stack.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -32,6 +33,7 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.config import model_server_config_pb2
 
 from backend import errors, inference
+from backend.deadlines import cancelled_code
 from backend.examples import serialized_examples_from_proto
 from backend.health import Health, InFlight
 from backend.inference import ModelCall
@@ -104,6 +106,9 @@ def _rpc(api: str) -> Callable[[Handler], Handler]:
                 except errors.ServingError as error:
                     code = error.code
                     await context.abort(error.code, error.message)
+                except asyncio.CancelledError:  # the client left or its deadline passed: counted as such, not OK
+                    code = cancelled_code(context)
+                    raise
                 except Exception:  # the one place an unexpected error stops: logged in full, not sent
                     code = grpc.StatusCode.INTERNAL
                     log.exception("unexpected error in %s", api)

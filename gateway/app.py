@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1.health import aio as health_aio
 
 from backend.http_server import HttpServer, json_error_body
@@ -34,7 +35,8 @@ from gateway.admin import Admin
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.fleet import FleetSection
-from gateway.grpc_edge import GrpcEdge, add_health, set_serving
+from gateway.grpc_descriptors import DescriptorError, served_pool
+from gateway.grpc_edge import GrpcEdge, add_health, add_reflection, set_serving
 from gateway.guard import Guard
 from gateway.http_edge import Edge
 from gateway.metrics import GatewayMetrics
@@ -139,6 +141,12 @@ class Gateway:
             config, context, authenticator = await asyncio.to_thread(read_config, self.config_path)
         except READ_ERRORS as error:
             raise StartupError(str(error)) from None
+        descriptors = None
+        if config.listen.grpc is not None:  # before anything starts: a broken install stops the start at once
+            try:
+                descriptors = await asyncio.to_thread(served_pool)
+            except DescriptorError as error:
+                raise StartupError(f"gRPC reflection: {error}") from None
         self._limiter = RateLimiter(config.rate_limits, store=self._rate_store)
         self._install(config, context, authenticator, generation=1)
         try:
@@ -159,8 +167,8 @@ class Gateway:
             await self._fleet.wait_ready()
             await self._edge_server.start(config.listen.https.host, config.listen.https.port,
                                           switching_context(lambda: self.snapshot.tls), reuse_port=self._reuse_port)
-            if config.listen.grpc is not None:
-                await self._start_grpc(config, guard)
+            if descriptors is not None:
+                await self._start_grpc(config, guard, descriptors)
             self._serving = True
         except (OSError, RuntimeError) as error:  # gRPC reports a port it cannot bind as RuntimeError
             await self.stop(0)
@@ -224,15 +232,17 @@ class Gateway:
         self._install(*read, generation)
         return f"generation {generation} applied"
 
-    async def _start_grpc(self, config: GatewayConfig, guard: Guard) -> None:
-        """The gRPC listener (gateway/grpc_edge.py) with the same certificates. SO_REUSEPORT only as a worker of
-        gateway/primary.py: elsewhere a second gateway on the same port must fail, not share it silently."""
+    async def _start_grpc(self, config: GatewayConfig, guard: Guard, descriptors: DescriptorPool) -> None:
+        """The gRPC listener (gateway/grpc_edge.py) with the same certificates, health and server reflection.
+        SO_REUSEPORT only as a worker of gateway/primary.py: elsewhere a second gateway on the same port must fail,
+        not share it silently."""
         assert config.listen.grpc is not None
         self._grpc_edge = GrpcEdge(self, self.upstreams, guard, self.metrics, self.access_log, self._rng,
                                    self._clock)
         self._grpc_server = grpc.aio.server(handlers=[self._grpc_edge],
                                             options=[("grpc.so_reuseport", int(self._reuse_port))])
         self._grpc_health = add_health(self._grpc_server)
+        add_reflection(self._grpc_server, descriptors)
         self._grpc_certificates = GrpcCertificates(config.tls)
         self.grpc_port = self._grpc_server.add_secure_port(str(config.listen.grpc),
                                                            self._grpc_certificates.credentials)

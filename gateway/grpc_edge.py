@@ -11,7 +11,8 @@ deadline (the client's, capped by `limits.request_timeout_s`); UNAVAILABLE (incl
 retried on another backend within the pool's attempts and retry budget → the backend's answer or status goes back
 unchanged. The gateway's own refusals carry TF Serving's gRPC codes: UNAUTHENTICATED, PERMISSION_DENIED,
 RESOURCE_EXHAUSTED (with the rate-limit headers as trailing metadata), NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE,
-DEADLINE_EXCEEDED. Credentials in the metadata are never forwarded; the request id is.
+DEADLINE_EXCEEDED. Credentials in the metadata are never forwarded; the request id is. Beside the proxied services,
+grpc.health.v1 and server reflection are answered by the gateway itself, without credentials.
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio  # grpc_health's public name for its asyncio servicer
+from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis.model_pb2 import ModelSpec
 
+from backend.deadlines import cancelled_code
 from gateway import errors
 from gateway.accesslog import AccessLog, AccessRecord
 from gateway.auth import AuthError
@@ -139,15 +144,10 @@ class GrpcEdge(grpc.GenericRpcHandler):
                 record.error = attempts.detail or error.message
                 answer = _Answer(_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message, b"",
                                  tuple((key, value) for key, value in error.headers if key != "www-authenticate"))
-            elapsed = self._clock() - started
-            record.grpc_status, record.attempts = answer.code.name, attempts.count
-            record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
-            record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), len(answer.body)
-            served = bool(attempts.upstream) and answer.code is grpc.StatusCode.OK
-            self._metrics.observe_request(model=record.model if served else "", route=record.route,
-                                          status=answer.code.name, upstream=attempts.upstream, seconds=elapsed,
-                                          protocol="grpc")
-            self._access_log.write(record)
+            except asyncio.CancelledError:  # the client left or its deadline passed: gRPC cancels us; still counted
+                self._observe(record, attempts, self._clock() - started, cancelled_code(context), 0)
+                raise
+            self._observe(record, attempts, self._clock() - started, answer.code, len(answer.body))
         trailing = (("x-request-id", record.request_id), *answer.trailing)
         if snapshot.config.expose_upstream_header and attempts.upstream:
             trailing += (("x-tfgate-upstream", attempts.upstream),)
@@ -155,6 +155,17 @@ class GrpcEdge(grpc.GenericRpcHandler):
         if answer.code is not grpc.StatusCode.OK:
             await context.abort(answer.code, answer.details)
         return answer.body
+
+    def _observe(self, record: AccessRecord, attempts: Attempts, elapsed: float, code: grpc.StatusCode,
+                 bytes_out: int) -> None:
+        """One call's metrics and access line."""
+        record.grpc_status, record.attempts = code.name, attempts.count
+        record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
+        record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), bytes_out
+        served = bool(attempts.upstream) and code is grpc.StatusCode.OK
+        self._metrics.observe_request(model=record.model if served else "", route=record.route, status=code.name,
+                                      upstream=attempts.upstream, seconds=elapsed, protocol="grpc")
+        self._access_log.write(record)
 
     async def _forward(self, snapshot: Snapshot, method: str, kind: str, request: bytes,
                        context: grpc.aio.ServicerContext, metadata: dict[str, str], record: AccessRecord,
@@ -251,6 +262,13 @@ def add_health(server: grpc.aio.Server) -> health_aio.HealthServicer:
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     return health
+
+
+def add_reflection(server: grpc.aio.Server, pool: DescriptorPool) -> None:
+    """Server reflection, open like health: it describes TF Serving's public API, not the models. `pool` is
+    gateway/grpc_descriptors.py's (the default pool lacks TF Serving's services: they are proxied as bytes).
+    grpcio-reflection serves v1alpha only; grpcurl falls back to it when v1 is UNIMPLEMENTED."""
+    reflection.enable_server_reflection((*SERVICES, HEALTH_SERVICE, reflection.SERVICE_NAME), server, pool=pool)
 
 
 async def set_serving(health: health_aio.HealthServicer, serving: bool) -> None:

@@ -1,14 +1,16 @@
 """TF Serving's gRPC API through the gateway, with the official `tensorflow_serving.apis` client over TLS, in front of
-two real backends: versions, labels and the weighted split, per-call balancing from one channel, and the gateway's
-refusals as gRPC codes."""
+two real backends: versions, labels and the weighted split, per-call balancing from one channel, the gateway's
+refusals as gRPC codes, server reflection, and the client's deadline reaching the backend."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import re
 import subprocess
 import sys
+import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,7 +21,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
+from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -32,10 +36,13 @@ from tensorflow_serving.apis import (
 
 from bench.backend_process import BackendProcess
 from gateway.accesslog import AccessLog
-from gateway.app import Gateway
+from gateway.app import Gateway, StartupError
 from gateway.certs import CertPaths, write_dev_certs
+from gateway.grpc_descriptors import DescriptorError
 from gateway.keys import digest
+from tests.conftest import Backend
 from tests.gateway_support import ADMIN_KEY, MODEL, config_document
+from tests.test_batching_e2e import StartBackend, batching_file, metric, start_batching_backend
 
 KEY, LIMITED_KEY, OTHER_KEY = "tfg_grpc-test-key", "tfg_grpc-limited-key", "tfg_grpc-other-model-key"
 
@@ -88,10 +95,11 @@ def predict_request(model: str = MODEL, **spec: Any) -> predict_pb2.PredictReque
     return request
 
 
-async def predict(channel: grpc.aio.Channel, key: str = KEY, **spec: Any) -> tuple[list[float], str]:
+async def predict(channel: grpc.aio.Channel, key: str = KEY, timeout: float = 10,
+                  **spec: Any) -> tuple[list[float], str]:
     """The prediction and the backend that made it (x-tfgate-upstream in the trailing metadata)."""
     call = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-        predict_request(**spec), metadata=[("authorization", f"Bearer {key}")], timeout=10)
+        predict_request(**spec), metadata=[("authorization", f"Bearer {key}")], timeout=timeout)
     response = await call
     trailing = dict(await call.trailing_metadata() or ())
     return list(response.outputs["y"].float_val), trailing.get("x-tfgate-upstream", "")
@@ -207,13 +215,74 @@ async def test_a_backend_killed_under_load_fails_no_call(start: Any, certs: Cert
             backend.stop()
 
 
-def test_the_gateway_does_not_import_tensorflow() -> None:
+def test_the_gateway_does_not_import_tensorflow(tmp_path: Path, certs: CertPaths,
+                                                backends: list[BackendProcess]) -> None:
     """TF Serving's service modules import TensorFlow; the gateway's gRPC edge must not (seconds and hundreds of
-    MB per gateway process)."""
-    program = ("import sys, gateway.__main__, gateway.app, gateway.primary, gateway.grpc_edge; "
-               "sys.exit('tensorflow.python' in sys.modules)")
+    MB per gateway process), not even to describe them for server reflection: a gateway with listen.grpc starts and
+    stops in a fresh process."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(document(certs, backends)))
+    program = textwrap.dedent(f"""
+        import asyncio, sys
+        from pathlib import Path
+        import gateway.__main__, gateway.primary
+        from gateway.app import Gateway
+
+        async def start_and_stop() -> None:
+            gateway = Gateway(Path({str(config)!r}), watch_file=False)
+            await gateway.start()
+            await gateway.stop(0)
+
+        asyncio.run(start_and_stop())
+        names = sorted(name for name in sys.modules if name.split(".")[0] == "tensorflow")
+        sys.exit(f"imported {{len(names)}} TensorFlow modules: {{names[:5]}}" if names else None)
+    """)
     check = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False)
     assert check.returncode == 0, check.stderr[-2000:]
+
+
+def reflect_and_predict(port: int, ca: bytes) -> tuple[list[str], list[float]]:
+    """What grpcurl does, with grpc_reflection's client: list the services, fetch their descriptors from the server,
+    and call Predict with messages made from those alone, from JSON (no generated code, no .proto files)."""
+    with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca)) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)  # no credentials: reflection is open
+        services = list(database.get_services())
+        pool = descriptor_pool.DescriptorPool(database)
+        for service in services:
+            pool.FindServiceByName(service)
+        predict_method = pool.FindMethodByName("tensorflow.serving.PredictionService.Predict")
+        assert (predict_method.input_type.full_name, predict_method.output_type.full_name) == (
+            "tensorflow.serving.PredictRequest", "tensorflow.serving.PredictResponse")
+        request_class = message_factory.GetMessageClass(predict_method.input_type)
+        response_class = message_factory.GetMessageClass(predict_method.output_type)
+        request = json_format.ParseDict({"model_spec": {"name": MODEL}, "inputs": {"x": {
+            "dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": 1}]}, "float_val": [2.0]}}}, request_class())
+        call = channel.unary_unary("/tensorflow.serving.PredictionService/Predict",
+                                   request_serializer=request_class.SerializeToString,
+                                   response_deserializer=response_class.FromString)
+        response = call(request, metadata=[("x-api-key", KEY)], timeout=10)
+        return services, list(response.outputs["y"].float_val)
+
+
+async def test_server_reflection_describes_the_api(start: Any, certs: CertPaths,
+                                                   backends: list[BackendProcess]) -> None:
+    await start(document(certs, backends))
+    services, prediction = await asyncio.to_thread(  # a blocking client: the gateway runs on this loop
+        reflect_and_predict, start.gateways[-1].grpc_port, certs.ca_cert.read_bytes())
+    assert sorted(services) == ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                                "tensorflow.serving.ModelService", "tensorflow.serving.PredictionService"]
+    assert prediction == [3.0]  # the split's version 1
+
+
+async def test_missing_descriptors_stop_the_start(start: Any, certs: CertPaths, backends: list[BackendProcess],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken install (a generated module missing) fails the start, naming the module."""
+    def missing() -> None:
+        raise DescriptorError("cannot find module tensorflow_serving.apis.predict_pb2 (for the gateway)")
+
+    monkeypatch.setattr("gateway.app.served_pool", missing)
+    with pytest.raises(StartupError, match=r"gRPC reflection: cannot find module tensorflow_serving\.apis"):
+        await start(document(certs, backends))
 
 
 def multi_inference_request(label: str = "") -> inference_pb2.MultiInferenceRequest:
@@ -298,3 +367,71 @@ async def test_a_reload_rotates_the_grpc_certificates(start: Any, certs: CertPat
                     await predict(fresh)
                 assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails: not trusted
     assert (await predict(channel))[0] == [3.0]  # the connection open before keeps its handshake
+
+
+async def test_the_client_deadline_is_forwarded_to_the_backend(start: Any, certs: CertPaths,
+                                                               backends: list[BackendProcess]) -> None:
+    """The gateway calls the backend with the client's remaining deadline (grpc-timeout), not only its own limit,
+    so the backend can drop work nobody will read. Seen by a stand-in for a backend's gRPC port that records the
+    deadline each call arrives with and never answers (the REST address, for health checks, is a real backend's)."""
+    arrived: list[float | None] = []
+
+    async def hold(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        arrived.append(context.time_remaining())
+        await asyncio.sleep(60)  # a deadline ends the call first
+        return b""
+
+    stand_in = grpc.aio.server(handlers=[grpc.method_handlers_generic_handler(
+        "tensorflow.serving.PredictionService", {"Predict": grpc.unary_unary_rpc_method_handler(hold)})])
+    port = stand_in.add_insecure_port("127.0.0.1:0")
+    await stand_in.start()
+    try:
+        doc = document(certs, backends)
+        doc["limits"]["request_timeout_s"] = 30
+        doc["pools"]["cpu"]["backends"] = [{"rest": f"127.0.0.1:{backends[0].rest_port}", "grpc": f"127.0.0.1:{port}"}]
+        channel = await start(doc)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await predict(channel, timeout=3)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(arrived) == 1 and arrived[0] is not None and 0 < arrived[0] <= 3, arrived  # the client's, not 30 s
+    finally:
+        await stand_in.stop(0)
+
+
+def grpc_predictions_received(backend: Backend, model: str) -> Counter[str]:
+    """Predict calls the backend counted over gRPC, by their status code."""
+    counts: Counter[str] = Counter()
+    for line in backend.get("/monitoring/prometheus/metrics").text.splitlines():
+        if (line.startswith("tfgate_backend_requests_total{") and f'model="{model}"' in line
+                and 'api="predict"' in line and 'entrypoint="GRPC"' in line):
+            counts[re.search(r'code="(\w+)"', line).group(1)] += int(float(line.rpartition(" ")[2]))
+    return counts
+
+
+async def test_a_call_past_its_deadline_never_runs_in_the_backend(start: Any, certs: CertPaths,
+                                                                  start_backend: StartBackend, demo_models: Path,
+                                                                  tmp_path: Path) -> None:
+    """DEADLINE_EXCEEDED end to end: a call still waiting in a batching backend's queue when the client's deadline
+    passes is dropped there, never run. Its batch cannot be due before the deadline (batch timeout 4 s > deadline
+    2 s), so no timing is assumed. (The backend's cancellation when the gateway gives up would stop it too: the test
+    above shows the deadline itself reaches the backend.)"""
+    backend = start_batching_backend(start_backend, demo_models, tmp_path,
+                                     batching_file(tmp_path / "batching.config", max_batch_size=8,
+                                                   timeout_micros=4_000_000))
+    lines = io.BytesIO()
+    channel = await start(document(certs, [backend], routes=[{"model": "hpt", "pool": "cpu"}]),
+                          access_log=AccessLog(lines, flush_s=0))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await predict(channel, model="hpt", timeout=2)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (await predict(channel, model="hpt", timeout=30))[0] == [4.0]  # latest version, 2: x/2 + 3
+    received = grpc_predictions_received(backend, "hpt")
+    assert received["OK"] == 1 and sum(received.values()) == 2, received  # both calls reached the backend...
+    # ...the expired one counted as such (its own timer or the gateway's cancel, whichever came first), never OK
+    assert set(received) - {"OK"} <= {"DEADLINE_EXCEEDED", "CANCELLED"}, received
+    assert metric(backend, "tfgate_backend_batch_size_rows_count", "hpt") == 1  # ...one batch ran...
+    assert metric(backend, "tfgate_backend_batch_size_rows_sum", "hpt") == 1  # ...with the second call's row only
+    gateway = start.gateways[-1]
+    gateway.access_log.flush()  # the call gRPC cancelled at its deadline is logged and counted too
+    assert [json.loads(line)["grpc_status"] for line in lines.getvalue().splitlines()] == ["DEADLINE_EXCEEDED", "OK"]
+    assert 'code="DEADLINE_EXCEEDED",model="",protocol="grpc"' in gateway.metrics.exposition()[0].decode()
