@@ -33,6 +33,7 @@ from backend.http_server import HttpRequest, HttpResponse
 from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.models import ModelManager
+from backend.numeric_json import parse_numeric_request
 from backend.runners import INLINE_OUTPUT_ELEMENTS, INLINE_REQUEST_BYTES, CallRunner, offload_if, output_elements
 from backend.servable import Servable
 from backend.status import metadata_json_dict, status_response, to_json_dict
@@ -42,6 +43,7 @@ from backend.tensors import (
     error_json,
     parse_predict_inputs,
     predict_response,
+    single_numeric_input,
 )
 
 log = logging.getLogger(__name__)
@@ -200,6 +202,9 @@ def _signature_name(request: dict[str, Any]) -> str:
 
 
 def _prepare_predict(servable: Servable, body: bytes) -> _Prepared:
+    numeric = parse_numeric_request(body, lambda name: single_numeric_input(servable.signature(name).inputs))
+    if numeric is not None:  # the common body, without a Python object per number
+        return _Prepared(inference.predict_call(servable, numeric.signature_name, numeric.inputs), numeric.row_format)
     request = decode_json_object(body)
     signature_name = _signature_name(request)
     inputs, row_format = parse_predict_inputs(request, servable.signature(signature_name).inputs)

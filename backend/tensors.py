@@ -136,7 +136,23 @@ def to_array(value: Any, spec: TensorSpec, name: str) -> np.ndarray:
         found = "a string" if raw.dtype.kind == "U" else "null or an object" if raw.dtype.kind == "O" else raw.dtype
         raise InvalidArgument(f"JSON Value: input '{name}' holds {found}, which is not of expected type: "
                               f"{np_dtype.name}")
-    if family == "int" and raw.size:
+    return numeric_array(raw, np_dtype, name)
+
+
+def single_numeric_input(inputs: Mapping[str, TensorSpec]) -> tuple[str, np.dtype] | None:
+    """A signature's only input and its NumPy dtype, when it is a number (not a string, bool or bfloat16)."""
+    if len(inputs) != 1:
+        return None
+    ((name, spec),) = inputs.items()
+    if spec.dtype == tf.string:
+        return None
+    np_dtype = np.dtype(spec.dtype.as_numpy_dtype)
+    return (name, np_dtype) if np_dtype.kind in "fiu" else None
+
+
+def numeric_array(raw: np.ndarray, np_dtype: np.dtype, name: str) -> np.ndarray:
+    """Parsed JSON numbers (float64 or int64) as the input's numeric dtype; integers must fit it."""
+    if np_dtype.kind in "iu" and raw.size:
         limits = np.iinfo(np_dtype)
         if raw.min() < limits.min or raw.max() > limits.max:
             raise InvalidArgument(f"input '{name}' holds a value out of range for {np_dtype.name}")
