@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -138,6 +139,9 @@ def _loader(flags: ServerFlags, metrics: BackendMetrics) -> Callable[[str, int, 
             raise
         metrics.observe_load(model=name, version=version, path=str(path), seconds=time.perf_counter() - started,
                              ok=True)
+        # TensorFlow and a loaded model are ~300k long-lived objects; a full collection walked them all (167 ms
+        # measured under load, every request stalled). Frozen, they are left out of collections (~1 ms).
+        gc.freeze()
         return servable
     return load
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -87,6 +88,9 @@ async def serve(config: Path, grace_s: float, on_ready: Callable[[Running], None
             log.error("cannot start: %s", failure)
             return 1
         raise failure
+    # What start-up made (config, TLS, gRPC, descriptors: ~50k objects) lives on: frozen, it is left out of garbage
+    # collections, which then pause requests for about a millisecond instead of ~20.
+    gc.freeze()
     if ready_file is not None:
         staging = ready_file.with_suffix(".tmp")
         staging.write_text(str(gateway.admin_port))
