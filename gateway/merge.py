@@ -85,8 +85,10 @@ class _Merged(Collector):
         return iter(self._metrics)
 
 
-def merge_expositions(texts: Sequence[str]) -> str:
-    """One exposition for the whole gateway from every worker's (see the module docstring for the rules).
+def merge_expositions(texts: Sequence[str], first_only: tuple[str, ...] = ()) -> str:
+    """One exposition for the whole gateway from every worker's (see the module docstring for the rules). Families
+    whose names start with one of `first_only` are taken from the first text alone (the primary's own state, such
+    as its config generation, which the workers' copies would only repeat).
 
     Raises ValueError naming the worker (its index in `texts`) whose text does not parse, or disagrees with an
     earlier worker's on a family's type or on which family a sample belongs to.
@@ -95,6 +97,8 @@ def merge_expositions(texts: Sequence[str]) -> str:
     owners: dict[str, str] = {}  # sample name → its family's: two families writing one name would not parse
     for worker, text in enumerate(texts):
         for metric in _parse(worker, text):
+            if worker and first_only and metric.name.startswith(first_only):
+                continue
             family = families.setdefault(metric.name, _Family(metric))
             if family.first.type != metric.type:
                 raise ValueError(f"worker {worker}: {metric.name} is a {metric.type}, "

@@ -151,8 +151,8 @@ class Primary:
 
     async def exposition(self) -> tuple[bytes, str]:
         own, content_type = self.metrics.exposition()
-        texts = [_without_families(body.decode(), _PRIMARY_ONLY) for body in await self._ask_workers("GET", "/metrics")]
-        return merge_expositions([own.decode(), *texts]).encode(), content_type
+        texts = [body.decode() for body in await self._ask_workers("GET", "/metrics")]
+        return merge_expositions([own.decode(), *texts], first_only=_PRIMARY_ONLY).encode(), content_type
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -381,16 +381,6 @@ def _reserve(address: HostPort) -> tuple[socket.socket, HostPort]:
         sock.close()
         raise
     return sock, HostPort(address.host, sock.getsockname()[1])
-
-
-def _without_families(text: str, prefixes: tuple[str, ...]) -> str:
-    """An exposition without the metric families whose names start with one of `prefixes`."""
-    kept = []
-    for line in text.splitlines():
-        name = line.split(" ", 3)[2] if line.startswith("# ") and len(line.split(" ", 3)) > 2 else line
-        if not name.startswith(prefixes):
-            kept.append(line)
-    return "\n".join(kept) + "\n"
 
 
 def worker_count(setting: int | str) -> int:

@@ -253,3 +253,13 @@ def test_backend_state_is_the_worst(states: list[str], expected: str) -> None:
 ])
 def test_backends_count_workers(documents: list[dict[str, Any]], workers: int) -> None:
     assert merge_backends(documents)["workers"] == workers
+
+
+def test_first_only_families_come_from_the_first_text(plain: list[str]) -> None:
+    """The primary's own families (its config generation) are not added to the workers' copies of them."""
+    merged = _samples(merge_expositions(plain, first_only=("jobs", "retries")))
+    assert _value(merged, "jobs_total", {"queue": "a"}) == 3  # worker 0's alone, not 3 + 2
+    assert ("jobs_total", (("queue", "c"),)) not in merged  # only worker 1 had it
+    assert not any(name.startswith("retries") for name, _ in merged)  # only worker 1 has the family
+    assert _value(merged, "jobs_in_flight", {}) == 2  # it starts with "jobs" too: they are name prefixes
+    assert _value(merged, "job_seconds_count", {"queue": "a"}) == 5  # other families still add up (3 + 2)
