@@ -32,7 +32,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,8 +140,9 @@ class Fleet:
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        workers = await self._plan(self.config)
+    async def start(self, reserved_ports: Collection[int] = ()) -> None:
+        """Plan and start the workers; ValueError when the plan does not fit (see plan_workers)."""
+        workers = await self._plan(self.config, reserved_ports)
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         gpus = [worker.gpu for worker in workers if worker.gpu is not None]
         log.info("fleet: %d %s worker(s) for pool %s%s", len(workers), "GPU" if gpus else "CPU", self.config.pool,
@@ -149,9 +150,9 @@ class Fleet:
         for worker in workers:
             self._add_slot(worker)
 
-    async def reconfigure(self, config: FleetConfig) -> None:
+    async def reconfigure(self, config: FleetConfig, reserved_ports: Collection[int] = ()) -> None:
         """Apply a changed `fleet:` section: changed workers roll one at a time, new ones start, extra ones stop."""
-        workers = await self._plan(config)
+        workers = await self._plan(config, reserved_ports)
         old_config, self.config = self.config, config
         config.log_dir.mkdir(parents=True, exist_ok=True)
         for slot, worker in zip(self._slots, workers):
@@ -353,7 +354,7 @@ class Fleet:
 
     # ---- helpers ------------------------------------------------------------------------------------------------
 
-    async def _plan(self, config: FleetConfig) -> tuple[Worker, ...]:
+    async def _plan(self, config: FleetConfig, reserved_ports: Collection[int]) -> tuple[Worker, ...]:
         if config.gpus == "none":
             gpus: tuple[Gpu, ...] = ()
         else:
@@ -361,7 +362,7 @@ class Fleet:
                 "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in config.gpus)}
             gpus = await asyncio.to_thread(detect_gpus, self._run, environ)
         return plan_workers(gpus, cpu_count=self._cpu_count, cpu_replicas=config.replicas,
-                            base_port=config.base_port, extra_flags=config.flags)
+                            base_port=config.base_port, extra_flags=config.flags, reserved_ports=reserved_ports)
 
     def _file_flags(self) -> list[str]:
         flags = [f"--model_config_file={self.config.model_config_file}"]
@@ -408,6 +409,21 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def local_ports(config: GatewayConfig) -> frozenset[int]:
+    """The ports the rest of `config` uses on this host, which the fleet's loopback workers must leave alone: the
+    gateway's listeners (on loopback or every address) and pool backends on loopback."""
+    listen = config.listen
+    listeners = [listen.https, listen.admin, *([listen.grpc] if listen.grpc is not None else [])]
+    backends = [address for pool in config.pools.values() for backend in pool.backends
+                for address in (backend.rest, backend.grpc) if address is not None]
+    return frozenset({address.port for address in listeners if _is_local(address.host, wildcard=True)}
+                     | {address.port for address in backends if _is_local(address.host, wildcard=False)})
+
+
+def _is_local(host: str, wildcard: bool) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.") or (wildcard and host in ("0.0.0.0", "::", ""))
+
+
 class FleetSection:
     """The fleet a gateway runs as its config's `fleet:` section says: none, started, changed or stopped on each
     apply. Shared by the one-process gateway (gateway/app.py) and the primary of several (gateway/primary.py)."""
@@ -431,9 +447,9 @@ class FleetSection:
             pool = config.pools[config.fleet.pool]
             self.fleet = Fleet(config.fleet, health_path=pool.health_check.path, on_change=self._on_change,
                                metrics=self._metrics, rng=self._rng, clock=self._clock)
-            await self.fleet.start()
+            await self.fleet.start(local_ports(config))
         else:
-            await self.fleet.reconfigure(config.fleet)
+            await self.fleet.reconfigure(config.fleet, local_ports(config))
 
     def members(self, config: GatewayConfig) -> dict[str, tuple[Backend, ...]]:
         """The fleet's ready workers by the pool they join ({} without a fleet)."""

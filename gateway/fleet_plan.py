@@ -9,7 +9,8 @@ inter-op thread, so replicas do not fight over the cores.
 Ports: a process listens on one numbered pair of loopback ports, gRPC on `base_port + 2*k` and REST on
 `base_port + 2*k + 1`. Worker i runs on pair i; while a rolling change replaces it, the replacement starts on the
 lowest pair no process of the fleet holds (`free_pair`) so the old one serves until the new one is ready. A fleet
-of n workers so uses the ports from base_port up to base_port + 2n + 1.
+of n workers so uses the ports from base_port up to base_port + 2n + 1, none of which may be one the rest of the
+config already uses on this host (`reserved_ports`): a clash would only show later, as a worker's crash loop.
 
 Guarantees: each worker's flags start with the thread counts the plan owns, then `extra_flags` as given; extra flags
 that would set anything the fleet decides (`PLANNED_FLAGS`) raise ValueError naming it, as do a bad core count,
@@ -43,6 +44,7 @@ class Worker:
 
 def plan_workers(
     gpus: Sequence[Gpu], *, cpu_count: int, cpu_replicas: int | None, base_port: int, extra_flags: Sequence[str] = (),
+    reserved_ports: Collection[int] = (),
 ) -> tuple[Worker, ...]:
     """One worker per GPU, or CPU workers when there is none (see the module docstring)."""
     if cpu_count < 1:
@@ -63,6 +65,11 @@ def plan_workers(
     last_port = base_port + 2 * (len(slots) + 1) - 1  # n pairs, and one for a replacement
     if not 1 <= base_port or last_port > _MAX_PORT:
         raise ValueError(f"base_port {base_port} leaves no room for {2 * (len(slots) + 1)} ports up to {_MAX_PORT}")
+    clashes = sorted(port for port in reserved_ports if base_port <= port <= last_port)
+    if clashes:
+        raise ValueError(f"the fleet's {len(slots)} worker(s) need ports {base_port}-{last_port}, but the config "
+                         f"already uses {', '.join(map(str, clashes))} on this host (listen or pool addresses): "
+                         "choose another fleet.base_port")
     return tuple(
         Worker(index, device, MappingProxyType(env),
                (f"--tensorflow_intra_op_parallelism={intra}", f"--tensorflow_inter_op_parallelism={inter}",

@@ -107,9 +107,9 @@ def test_detect_gpus_skips_nvidia_smi_when_gpus_are_hidden() -> None:
 
 
 def plan(gpus: Sequence[Gpu], cpu_count: int = 8, cpu_replicas: int | None = None, base_port: int = 9000,
-         extra_flags: Sequence[str] = ()) -> tuple[Worker, ...]:
+         extra_flags: Sequence[str] = (), reserved_ports: Sequence[int] = ()) -> tuple[Worker, ...]:
     return plan_workers(gpus, cpu_count=cpu_count, cpu_replicas=cpu_replicas, base_port=base_port,
-                        extra_flags=extra_flags)
+                        extra_flags=extra_flags, reserved_ports=reserved_ports)
 
 
 def threads(worker: Worker) -> tuple[str, str]:
@@ -210,6 +210,20 @@ def test_plan_accepts_lookalike_flags() -> None:
 def test_plan_refuses_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         plan([], **kwargs)
+
+
+@pytest.mark.parametrize(("reserved", "clash"), [
+    ((8443, 8999, 9008), None),  # two workers and a replacement: 9000..9005; 9006 up is free
+    ((9006,), None),
+    ((9000,), "9000"),
+    ((9005, 8443, 9003), "9003, 9005"),  # named in order, the others left out
+])
+def test_plan_leaves_the_configs_own_ports_alone(reserved: tuple[int, ...], clash: str | None) -> None:
+    if clash is None:
+        assert len(plan([], cpu_replicas=2, reserved_ports=reserved)) == 2
+        return
+    with pytest.raises(ValueError, match=f"need ports 9000-9005, but the config already uses {clash} on this host"):
+        plan([], cpu_replicas=2, reserved_ports=reserved)
 
 
 def test_plan_last_port_may_be_65535() -> None:

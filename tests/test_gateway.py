@@ -304,6 +304,13 @@ async def test_bad_config_or_certificate_stops_the_start(tmp_path: Path, certs: 
     path.write_text(json.dumps(document))
     with pytest.raises(StartupError, match="missing.pem"):
         await Gateway(path, watch_file=False).start()
+    document = config_document(certs, proxies)  # a fleet whose ports would take a pool backend's
+    (tmp_path / "models.config").write_text("model_config_list {}")
+    document["fleet"] = {"pool": "cpu", "model_config_file": str(tmp_path / "models.config"), "gpus": "none",
+                         "replicas": 1, "base_port": proxies[0].port - 1, "log_dir": str(tmp_path / "logs")}
+    path.write_text(json.dumps(document))
+    with pytest.raises(StartupError, match=f"fleet: .* already uses {proxies[0].port} on this host"):
+        await Gateway(path, watch_file=False).start()
 
 
 async def test_the_gateway_command_reloads_on_sighup_and_drains_on_sigterm(

@@ -33,6 +33,7 @@ from gateway.config import (
     redacted,
 )
 from gateway.config_fleet import FleetConfig, RestartConfig
+from gateway.fleet import local_ports
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "gateway.yaml"
 BASE_DIR = Path("/etc/tfgate")
@@ -667,3 +668,12 @@ def test_bad_auth_and_rate_limits(edits: list[tuple[tuple[str | int, ...], Any]]
     with pytest.raises(ConfigError) as caught:
         parse(doc_with(*edits))
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_local_ports_are_what_the_fleet_must_leave_alone() -> None:
+    """Listeners on loopback or every address, and pool backends on loopback; other hosts' ports are theirs."""
+    config = parse(doc_with(
+        (("listen",), {"https": "0.0.0.0:8443", "admin": "127.0.0.1:9901", "grpc": "10.0.0.5:8500"}),
+        (("pools", "cpu", "backends"), [{"rest": "127.0.0.1:8701", "grpc": "localhost:8700"},
+                                        {"rest": "10.0.0.6:8703", "grpc": "[::1]:8702"}])))
+    assert local_ports(config) == {8443, 9901, 8701, 8700, 8702}
