@@ -182,8 +182,7 @@ class Upstreams:
         async def send(backend: BackendRuntime, remaining_s: float) -> UpstreamResponse:
             return await backend.http.request(method, path, [*headers, ("host", backend.name)], body, remaining_s)
 
-        return await self.forward_with(pool, send, lambda response: response.status in RETRYABLE_STATUSES, deadline,
-                                       attempts)
+        return await self.forward_with(pool, send, _backend_failed, deadline, attempts)
 
     async def forward_with(self, pool: PoolRuntime, send: Callable[[BackendRuntime, float], Awaitable[T]],
                            failed: Callable[[T], bool], deadline: float, attempts: Attempts) -> T:
@@ -285,3 +284,8 @@ class Upstreams:
 
 def _load_of(backend: BackendRuntime) -> UpstreamLoad:
     return backend.load
+
+
+def _backend_failed(response: UpstreamResponse) -> bool:
+    """A backend's own 502/503: retried on another backend like a failed connection."""
+    return response.status in RETRYABLE_STATUSES

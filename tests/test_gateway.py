@@ -306,11 +306,13 @@ async def test_bad_config_or_certificate_stops_the_start(tmp_path: Path, certs: 
         await Gateway(path, watch_file=False).start()
     document = config_document(certs, proxies)  # a fleet whose ports would take a pool backend's
     (tmp_path / "models.config").write_text("model_config_list {}")
+    base = proxies[0].port - 1
     document["fleet"] = {"pool": "cpu", "model_config_file": str(tmp_path / "models.config"), "gpus": "none",
-                         "replicas": 1, "base_port": proxies[0].port - 1, "log_dir": str(tmp_path / "logs")}
+                         "replicas": 1, "base_port": base, "log_dir": str(tmp_path / "logs")}
     path.write_text(json.dumps(document))
-    with pytest.raises(StartupError, match=f"fleet: .* already uses {proxies[0].port} on this host"):
-        await Gateway(path, watch_file=False).start()
+    with pytest.raises(StartupError, match=rf"fleet: .* need ports {base}-{base + 3}, but the config already uses "
+                                           rf"([0-9]+, )*{proxies[0].port}(, [0-9]+)* on this host"):
+        await Gateway(path, watch_file=False).start()  # the other proxy's port may be in the range too
 
 
 async def test_the_gateway_command_reloads_on_sighup_and_drains_on_sigterm(
