@@ -58,7 +58,7 @@ def parse_numeric_request(body: bytes, input_of: InputOf) -> NumericRequest | No
     """The request, when it is one numeric array for a signature with one numeric input; otherwise None. Raises
     what `input_of` raises (an unknown signature), or InvalidArgument for an integer out of the input's range."""
     try:
-        document = _parsers.parser.parse(body)
+        document = _parse(body)
     except (ValueError, RuntimeError):
         return None
     try:
@@ -67,6 +67,14 @@ def parse_numeric_request(body: bytes, input_of: InputOf) -> NumericRequest | No
         return None
     finally:
         del document  # the parser can take the next body only once no proxy into this one is alive
+
+
+def _parse(body: bytes) -> object:
+    try:
+        return _parsers.parser.parse(body)
+    except RuntimeError:  # a proxy into its last document is still alive (say, in an error's traceback): a new one
+        _parsers.parser = simdjson.Parser()
+        return _parsers.parser.parse(body)
 
 
 def _numeric_request(body: bytes, document: object, input_of: InputOf) -> NumericRequest | None:

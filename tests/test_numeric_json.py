@@ -97,6 +97,14 @@ def test_an_integer_out_of_range_is_the_same_error() -> None:
         parse_numeric_request(b'{"instances": [300]}', _input_of(TensorSpec(tf.uint8, None)))
 
 
+def test_a_kept_error_does_not_block_the_next_body() -> None:
+    """An error's traceback keeps the parser's last document alive, which simdjson's parser refuses to reuse."""
+    with pytest.raises(InvalidArgument) as kept:
+        parse_numeric_request(b'{"instances": [300]}', _input_of(TensorSpec(tf.uint8, None)))
+    fast = parse_numeric_request(b'{"instances": [3]}', _input_of(TensorSpec(tf.uint8, None)))
+    assert kept.value is not None and fast is not None and fast.inputs["x"].tolist() == [3]
+
+
 def test_an_unknown_signature_raises_what_the_lookup_raises() -> None:
     def unknown(name: str) -> None:
         raise InvalidArgument(f'Serving signature name: "{name}" not found in signature def')
