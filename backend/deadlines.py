@@ -37,7 +37,15 @@ async def run_before_deadline(executor: Executor, deadline: float | None, work: 
         raise DeadlineExceeded(expired_message) from None
 
 
+# A client whose deadline passes cancels the call itself; the server computed the same deadline from grpc-timeout a
+# little later (the time the headers took to arrive), so it may see a few milliseconds left when the cancel comes.
+_DEADLINE_SLACK_S = 0.05
+
+
 def cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """Why gRPC cancelled a call's handler: its deadline passed, or the client cancelled it (or left)."""
+    """Why gRPC cancelled a call's handler, as far as the server can tell: its deadline passed (or was about to),
+    or the client cancelled it or left."""
     remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED

@@ -432,6 +432,8 @@ async def test_a_call_past_its_deadline_never_runs_in_the_backend(start: Any, ce
     assert metric(backend, "tfgate_backend_batch_size_rows_count", "hpt") == 1  # ...one batch ran...
     assert metric(backend, "tfgate_backend_batch_size_rows_sum", "hpt") == 1  # ...with the second call's row only
     gateway = start.gateways[-1]
-    gateway.access_log.flush()  # the call gRPC cancelled at its deadline is logged and counted too
-    assert [json.loads(line)["grpc_status"] for line in lines.getvalue().splitlines()] == ["DEADLINE_EXCEEDED", "OK"]
-    assert 'code="DEADLINE_EXCEEDED",model="",protocol="grpc"' in gateway.metrics.exposition()[0].decode()
+    gateway.access_log.flush()  # the call gRPC cancelled at its deadline is logged and counted too...
+    first, second = [json.loads(line)["grpc_status"] for line in lines.getvalue().splitlines()]
+    # ...as DEADLINE_EXCEEDED, or as CANCELLED when the client's cancel came before the gateway's own deadline did
+    assert (first, second) in {("DEADLINE_EXCEEDED", "OK"), ("CANCELLED", "OK")}
+    assert f'code="{first}",model="",protocol="grpc"' in gateway.metrics.exposition()[0].decode()
