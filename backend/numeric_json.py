@@ -40,7 +40,8 @@ class NumericRequest:
     row_format: bool  # `instances`, not `inputs`
 
 
-# The signature's only input and its NumPy dtype, for a signature name; None when it has several or a non-number.
+# The signature's only input and its NumPy dtype (kind f, i or u), for a signature name; None when it has several or
+# a non-number.
 InputOf = Callable[[str], tuple[str, np.dtype] | None]
 
 
@@ -93,13 +94,13 @@ def _numeric_request(body: bytes, document: object, input_of: InputOf) -> Numeri
     if shape is None or len(body) - len(body.replace(b"[", b"")) != brackets:
         return None
     only_input = input_of(signature_name)
-    buffer_type = None if only_input is None else _BUFFER_TYPES.get(only_input[1].kind)
-    if only_input is None or buffer_type is None:
-        return None
-    flat = np.frombuffer(values.as_buffer(of_type=buffer_type[0]), dtype=buffer_type[1])
-    if flat.size != math.prod(shape):
+    if only_input is None:
         return None
     name, np_dtype = only_input
+    buffer_type, buffer_dtype = _BUFFER_TYPES[np_dtype.kind]  # input_of gives numeric kinds only
+    flat = np.frombuffer(values.as_buffer(of_type=buffer_type), dtype=buffer_dtype)
+    if flat.size != math.prod(shape):
+        return None
     return NumericRequest(signature_name, {name: numeric_array(flat.reshape(shape), np_dtype, name)},
                           found[0] == "instances")
 
