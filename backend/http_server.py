@@ -14,7 +14,8 @@ What it guarantees:
   malformed request 400, a head still incomplete after 64 KiB or with over 100 header fields 431: each in its turn
   after the answers already owed, and then the connection closes. It closes lingering: what the client still sends
   is read and dropped until it closes, for up to `header_timeout_s`, so a client busy sending its body reads the
-  refusal instead of a reset.
+  refusal instead of a reset. Over plain TCP the server half-closes at once (the client reads an EOF after the
+  answer); TLS cannot half-close, so there the linger ends with the client's close or the deadline.
 - A handler's exception is logged with its stack and answered with a bare 500; the connection stays usable.
 - A request head must be complete within `header_timeout_s` of its first byte (or of the connection), and its body
   must not pause for longer than that; an idle keep-alive connection is closed after `keepalive_timeout_s`. These
@@ -327,7 +328,10 @@ class _Connection(asyncio.Protocol):
                 turn = self._turns.popleft()
                 if turn.refusal is not None:
                     transport.write(self._encode(turn.refusal, turn))
-                    transport.write_eof()  # lingering close: keep reading (and dropping) until the client closes
+                    # Lingering close: keep reading (and dropping) until the client closes or the linger deadline
+                    # passes. TLS has no half-close, so there the client learns the end from Connection: close.
+                    if transport.can_write_eof():
+                        transport.write_eof()
                     break
                 payload = await self._respond(turn)
                 if self._lost:

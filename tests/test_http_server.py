@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import unittest
@@ -32,6 +33,7 @@ from backend.http_server import (
     HttpServer,
     json_error_body,
 )
+from gateway.certs import CertPaths
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 LIMIT = 1000  # max_body_bytes unless a test says otherwise
@@ -56,9 +58,9 @@ async def echo(request: HttpRequest) -> HttpResponse:
 
 @asynccontextmanager
 async def serving(handler: Handler = echo, *, grace_s: float = 5.0, max_body_bytes: int = LIMIT,
-                  **options: Any) -> AsyncIterator[HttpServer]:
+                  ssl_context: ssl.SSLContext | None = None, **options: Any) -> AsyncIterator[HttpServer]:
     server = HttpServer(handler, max_body_bytes=max_body_bytes, **options)
-    await server.start("127.0.0.1", 0)
+    await server.start("127.0.0.1", 0, ssl_context)
     try:
         yield server
     finally:
@@ -386,6 +388,38 @@ async def test_a_head_still_incomplete_after_64_kib_is_431() -> None:
         await to_thread(client.send, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000)
         reply = await to_thread(client.reply)
         assert reply.status == 431 and await to_thread(client.closed_by_server)
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_refusal_over_tls_is_answered_then_the_connection_closes(loop: str, certs: CertPaths) -> None:
+    """TLS cannot half-close (write_eof raises there): the refusal is still answered, the connection lingers only
+    until the deadline, and the server keeps serving. Before, the refusal's worker died on write_eof and left the
+    connection open with no deadline at all."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(certs.server_cert, certs.server_key)
+    client_context = ssl.create_default_context(cafile=certs.ca_cert)
+
+    def exchange(port: int, request: bytes) -> tuple[bytes, float]:
+        """Send `request` and read until the server closes: what came back, and how long the close took."""
+        with client_context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                        server_hostname="localhost") as sock:
+            sock.sendall(request)
+            started, received = time.monotonic(), b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return received, time.monotonic() - started
+
+    async def scenario() -> None:
+        async with serving(ssl_context=server_context, header_timeout_s=0.5) as server:
+            for request in (b"GARBAGE\r\n\r\n", request_bytes("POST", "/", body=b"x" * (LIMIT + 1))):
+                answer, closed_after = await to_thread(exchange, server.port, request)
+                assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 413 ")), answer
+                assert b"\r\nConnection: close\r\n" in answer and closed_after < 5
+            answer, _ = await to_thread(exchange, server.port, request_bytes("GET", "/ok", "Connection: close"))
+            assert answer.startswith(b"HTTP/1.1 200 ")
+
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(scenario())
 
 
 # ---------------------------------------------------------------------------------------------------------------
