@@ -61,6 +61,10 @@ class HttpResponse:
     body: bytes = b""
     content_type: str = "application/json"
     headers: Sequence[tuple[str, str]] = ()  # besides Content-Type, Content-Length and Connection, which are ours
+    # Work that can wait until the response is handed to the transport (access log, metrics): called right after
+    # that, or when the client has already gone, so it stays off the client's critical path. An exception in it
+    # is logged; the connection goes on.
+    after_sent: Callable[[], None] | None = None
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -95,6 +99,15 @@ class _Turn:
     refusal: HttpResponse | None = None
     keep_alive: bool = False
     http_1_0: bool = False
+
+
+def _call_after_sent(response: HttpResponse, turn: _Turn) -> None:
+    assert response.after_sent is not None and turn.request is not None
+    try:
+        response.after_sent()
+    except Exception:  # as for a handler's: logged in full, the connection goes on
+        log.exception("unexpected error after answering %s %s from %s", turn.request.method, turn.request.path,
+                      turn.request.peer)
 
 
 class HttpServer:
@@ -333,10 +346,13 @@ class _Connection(asyncio.Protocol):
                     if transport.can_write_eof():
                         transport.write_eof()
                     break
-                payload = await self._respond(turn)
+                response = await self._respond(turn)
+                if not self._lost:
+                    transport.write(self._encode(response, turn))
+                if response.after_sent is not None:
+                    _call_after_sent(response, turn)
                 if self._lost:
                     break
-                transport.write(payload)
                 if not turn.keep_alive or self._closing:
                     transport.close()
                     break
@@ -350,14 +366,14 @@ class _Connection(asyncio.Protocol):
             transport.resume_reading()
             self._after_input()
 
-    async def _respond(self, turn: _Turn) -> bytes:
+    async def _respond(self, turn: _Turn) -> HttpResponse:
         request = turn.request
         assert request is not None
         try:
-            return self._encode(await self._server.handler(request), turn)
+            return await self._server.handler(request)
         except Exception:  # the one place an unexpected error stops: logged in full, never sent to the client
             log.exception("unexpected error answering %s %s from %s", request.method, request.path, request.peer)
-            return self._encode(HttpResponse(500, self._server.error_body(500, _INTERNAL_ERROR)), turn)
+            return HttpResponse(500, self._server.error_body(500, _INTERNAL_ERROR))
 
     def _encode(self, response: HttpResponse, turn: _Turn) -> bytes:
         """Status line, headers and body in one buffer, for one write."""

@@ -13,6 +13,7 @@ Credentials the client sent (`authorization`, `x-api-key`, cookies) are never fo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import random
@@ -90,21 +91,26 @@ class Edge:
                 record.error = attempts.detail or error.message
                 response = HttpResponse(status=error.status, body=orjson.dumps({"error": error.message}),
                                         headers=list(error.headers))
-            record.status, record.attempts = response.status, attempts.count
-            record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
             elapsed = self._clock() - started
-            record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), len(response.body)
             extra = [("x-request-id", record.request_id)]
             if snapshot.config.expose_upstream_header and attempts.upstream:
                 extra.append(("x-tfgate-upstream", attempts.upstream))
             response.headers = [*response.headers, *extra]
-            # A model name is a label only once a backend has served it: names clients make up (404s, refused
-            # calls) would grow the series without bound.
-            served = bool(attempts.upstream) and 200 <= response.status < 300
-            self._metrics.observe_request(model=record.model if served else "", route=record.route,
-                                          status=response.status, upstream=attempts.upstream, seconds=elapsed)
-            self._access_log.write(record)
-            return response
+        response.after_sent = functools.partial(self._account, record, attempts, response, elapsed)
+        return response
+
+    def _account(self, record: AccessRecord, attempts: Attempts, response: HttpResponse, elapsed: float) -> None:
+        """The access line and the request's metrics, once the answer is on its way (as nginx's log phase): at one
+        request in flight this work would otherwise add its time to every answer."""
+        record.status, record.attempts = response.status, attempts.count
+        record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
+        record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), len(response.body)
+        # A model name is a label only once a backend has served it: names clients make up (404s, refused calls)
+        # would grow the series without bound.
+        served = bool(attempts.upstream) and 200 <= response.status < 300
+        self._metrics.observe_request(model=record.model if served else "", route=record.route,
+                                      status=response.status, upstream=attempts.upstream, seconds=elapsed)
+        self._access_log.write(record)
 
     async def _forward(self, snapshot: Snapshot, request: HttpRequest, record: AccessRecord,
                        attempts: Attempts) -> HttpResponse:
