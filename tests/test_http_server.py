@@ -217,6 +217,42 @@ async def test_a_handler_exception_is_a_logged_500_and_the_connection_stays_usab
     assert logs.records[0].exc_info is not None and "GET /boom" in logs.records[0].getMessage()
 
 
+@on_each_loop
+async def test_after_sent_runs_once_the_answer_is_written_even_for_a_client_gone_and_may_fail_harmlessly() -> None:
+    """The work a handler leaves for after the answer (access log, metrics) runs once the answer is on the wire; a
+    failure in it is logged and the connection goes on; a client that left before its answer still gets it run."""
+    ran: list[tuple[str, bool]] = []
+
+    async def handler(request: HttpRequest) -> HttpResponse:
+        if request.path == "/slow":
+            await asyncio.sleep(0.2)  # the client is gone by now
+        answered = asyncio.get_running_loop().create_future()
+
+        def after() -> None:
+            ran.append((request.path, answered.done()))
+            if request.path == "/boom":
+                raise RuntimeError("failed after the answer")
+
+        asyncio.get_running_loop().call_soon(answered.set_result, None)  # runs after the handler's own step
+        return HttpResponse(200, b"{}", after_sent=after)
+
+    async with serving(handler) as server:
+        async with wire(server.port) as client:
+            with unittest.TestCase().assertLogs("backend.http_server", "ERROR") as logs:
+                for path in ("/boom", "/fine"):
+                    await to_thread(client.send, request_bytes("GET", path))
+                    assert (await to_thread(client.reply)).status == 200
+        async with wire(server.port) as client:
+            await to_thread(client.send, request_bytes("GET", "/slow"))
+        for _ in range(100):
+            if len(ran) == 3:
+                break
+            await asyncio.sleep(0.02)
+    # Run in the handler's own step, right after the write: before anything the loop does next.
+    assert ran == [("/boom", False), ("/fine", False), ("/slow", False)]
+    assert "GET /boom" in logs.records[0].getMessage() and logs.records[0].exc_info is not None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Connections: keep-alive, close, pipelining
 
