@@ -98,8 +98,7 @@ class Batcher:
         # A timer instead of wait_for(): no extra task per call. Past the deadline the caller gets its answer at
         # once, and the queue drops the call before it runs; a caller cancelled (client gone) cancels the future,
         # which the queue skips too.
-        expiry = None if deadline is None else loop.call_at(loop.time() + deadline - self._clock(), _fail, future,
-                                                            errors.DeadlineExceeded(_EXPIRED))
+        expiry = None if deadline is None else loop.call_at(loop.time() + deadline - self._clock(), _expire, future)
         try:
             return await future
         finally:
@@ -127,7 +126,7 @@ class Batcher:
             await threads.acquire()
             batch = queue.take(self._clock())
             for task in batch.expired:
-                _fail(task.payload.future, errors.DeadlineExceeded(_EXPIRED))
+                _expire(task.payload.future)
             if not batch.tasks:
                 threads.release()
                 continue
@@ -196,6 +195,12 @@ def _retrieve(future: asyncio.Future[dict[str, np.ndarray]]) -> None:
 def _fail(future: asyncio.Future[dict[str, np.ndarray]], error: errors.ServingError) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _expire(future: asyncio.Future[dict[str, np.ndarray]]) -> None:
+    """The error is made only when a deadline passes, not up front for every call's timer (a rare case)."""
+    if not future.done():
+        future.set_exception(errors.DeadlineExceeded(_EXPIRED))
 
 
 def _run_merged(calls: list[ModelCall], padded_rows: int, pad_lengths: bool) -> list[dict[str, np.ndarray]]:
