@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import logging
 import random
-import signal
 import ssl
 import time
 from collections.abc import Callable
@@ -44,9 +43,9 @@ from gateway.ratelimit import RateLimiter
 from gateway.reloading import (
     READ_ERRORS,
     ReadConfig,
+    SighupReloads,
     read_config,
     reload_config,
-    sighup_handler,
     watch_config,
 )
 from gateway.routes import RouteTable
@@ -89,6 +88,7 @@ class Gateway:
         self.grpc_port = 0  # once listening, when listen.grpc is set
         self._admin_server: HttpServer | None = None
         self._watchers: list[asyncio.Task[object]] = []
+        self._sighup = SighupReloads(self._watchers, self.reload)
         self._stopping = False
         self._serving = False  # the edge listens (not yet while the fleet loads)
 
@@ -137,6 +137,14 @@ class Gateway:
         return self._admin_server.port
 
     async def start(self) -> None:
+        self._sighup.install()
+        try:
+            await self._start()
+        except BaseException:
+            self._sighup.remove()
+            raise
+
+    async def _start(self) -> None:
         try:
             config, context, authenticator = await asyncio.to_thread(read_config, self.config_path)
         except READ_ERRORS as error:
@@ -170,17 +178,13 @@ class Gateway:
             if descriptors is not None:
                 await self._start_grpc(config, guard, descriptors)
             self._serving = True
+            self._sighup.serving.set()
         except (OSError, RuntimeError) as error:  # gRPC reports a port it cannot bind as RuntimeError
             await self.stop(0)
             raise StartupError(f"cannot listen: {error}") from None
         if self._watch_file:
             watcher = asyncio.create_task(watch_config(self.config_path, self.reload), name="config watcher")
             self._watchers.append(watcher)
-        try:
-            on_sighup = sighup_handler(self._watchers, self.reload)
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
-        except (RuntimeError, ValueError):  # not the main thread: SIGHUP reloads only work in the process's main loop
-            pass
         log.info("tfgate gateway: https on %s:%d, admin on http://%s:%d, config %s", config.listen.https.host,
                  self.https_port, config.listen.admin.host, self.admin_port, self.config_path)
 
@@ -251,11 +255,7 @@ class Gateway:
 
     async def stop(self, grace_s: float) -> None:
         """Graceful stop; see the module docstring."""
-        self._stopping = True
-        try:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        except (RuntimeError, ValueError):
-            pass
+        self._stopping = self._sighup.stopping = True
         if self._grpc_health is not None:
             await set_serving(self._grpc_health, False)  # health checkers stop sending first, as /readyz does
         drains = [self._edge_server.shutdown(grace_s)] if self._edge_server is not None else []
@@ -273,3 +273,4 @@ class Gateway:
         await self._fleet.stop()
         await self.upstreams.close()
         self.access_log.flush()
+        self._sighup.remove()

@@ -20,14 +20,12 @@ fleet, and the shared files. No task or process outlives `stop()`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -50,9 +48,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.reloading import (
     READ_ERRORS,
     ReadConfig,
+    SighupReloads,
     read_config,
     reload_config,
-    sighup_handler,
     watch_config,
 )
 from gateway.restart_policy import RestartPolicy
@@ -104,6 +102,7 @@ class Primary:
         self._reserved_grpc: socket.socket | None = None
         self._grpc: HostPort | None = None
         self._admin_server: HttpServer | None = None
+        self._sighup = SighupReloads(self._tasks, self.reload)
         self._serving = False
         self._stopping = False
 
@@ -157,6 +156,14 @@ class Primary:
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._sighup.install()
+        try:
+            await self._start()
+        except BaseException:
+            self._sighup.remove()
+            raise
+
+    async def _start(self) -> None:
         self._run_dir = Path(tempfile.mkdtemp(prefix="tfgate-primary-"))
         try:
             read = await asyncio.to_thread(read_config, self._stage())
@@ -193,16 +200,13 @@ class Primary:
             await self.stop(0)
             raise StartupError("the gateway workers did not start; see their log lines above")
         self._tasks.append(asyncio.create_task(self._push_forever(), name="worker config pusher"))
-        with contextlib.suppress(RuntimeError, ValueError):  # only the main thread's loop takes signals
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sighup_handler(self._tasks, self.reload))
         self._serving = True
+        self._sighup.serving.set()
         log.info("tfgate gateway: %d workers on https %s, admin on http://%s:%d, config %s", len(self._workers),
                  self._https, config.listen.admin.host, self.admin_port, self.config_path)
 
     async def stop(self, grace_s: float) -> None:
-        self._stopping = True
-        with contextlib.suppress(RuntimeError, ValueError):
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        self._stopping = self._sighup.stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -218,6 +222,7 @@ class Primary:
                 reserved.close()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+        self._sighup.remove()
 
     # ---- reloads --------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ running config untouched and answers one message naming the cause; the metrics c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -82,12 +84,35 @@ async def watch_config(path: Path, reload: Callable[[str], Awaitable[object]]) -
             await reload("file changed")
 
 
-def sighup_handler(tasks: list[asyncio.Task[Any]],
-                   reload: Callable[[str], Coroutine[Any, Any, object]]) -> Callable[[], None]:
-    """A SIGHUP handler starting a reload as a task kept in `tasks` until done (so a stop can cancel it)."""
-    def on_sighup() -> None:
-        task = asyncio.create_task(reload("SIGHUP"), name="SIGHUP reload")
-        tasks.append(task)
-        task.add_done_callback(tasks.remove)
+class SighupReloads:
+    """SIGHUP starts a reload, as a task kept in `tasks` until done (so a stop can cancel it).
 
-    return on_sighup
+    Installed before the gateway starts anything: SIGHUP's default action ends the process, so a signal sent while
+    it starts (a config tool reloading a service just started) or drains would otherwise kill it and every request
+    it holds. One that comes during the start reloads once the gateway serves; one during the stop is ignored."""
+
+    def __init__(self, tasks: list[asyncio.Task[Any]], reload: Callable[[str], Coroutine[Any, Any, object]]) -> None:
+        self.serving = asyncio.Event()
+        self.stopping = False
+        self._tasks = tasks
+        self._reload = reload
+
+    def install(self) -> None:
+        with contextlib.suppress(RuntimeError, ValueError):  # only the main thread's loop takes signals
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def remove(self) -> None:
+        with contextlib.suppress(RuntimeError, ValueError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    def _on_sighup(self) -> None:
+        if self.stopping:
+            log.info("SIGHUP ignored: the gateway is stopping")
+            return
+        task = asyncio.create_task(self._reload_once_serving(), name="SIGHUP reload")
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _reload_once_serving(self) -> None:
+        await self.serving.wait()
+        await self._reload("SIGHUP")

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import io
 import json
+import os
 import shutil
 import signal
 import ssl
@@ -27,6 +28,7 @@ from backend.http_server import HttpRequest, HttpResponse, HttpServer
 from bench.delay_proxy import DelayProxy
 from gateway.app import Gateway, StartupError
 from gateway.certs import CertPaths
+from gateway.reloading import SighupReloads
 from tests.gateway_support import ADMIN, MODEL, config_document
 
 V1_ANSWER, V2_ANSWER = [3.0], [4.0]  # predict of [2.0]: v1 is x/2 + 2, v2 x/2 + 3
@@ -357,6 +359,70 @@ async def test_the_gateway_command_reloads_on_sighup_and_drains_on_sigterm(
     lines = [json.loads(line) for line in (await process.stdout.read()).decode().splitlines()]  # type: ignore[union-attr]
     assert lines and {"request_id", "model", "upstream", "status", "duration_ms"} <= set(lines[-1])
     assert lines[-1]["model"] == MODEL and lines[-1]["status"] == 200
+
+
+async def test_a_sighup_while_the_gateway_starts_neither_kills_it_nor_is_lost(
+        tmp_path: Path, certs: CertPaths, proxies: list[DelayProxy]) -> None:
+    """SIGHUP's default action ends a process. Sent while the gateway starts (the primary's admin API answers, its
+    two workers are not ready yet), it used to kill the primary and so its workers; now the reload waits until the
+    gateway serves."""
+    ports = [free_port(), free_port()]
+    document = config_document(certs, proxies, listen={"https": f"127.0.0.1:{ports[0]}",
+                                                       "admin": f"127.0.0.1:{ports[1]}"}, workers=2)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(document))
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "--config", str(path),
+                                                   stdout=asyncio.subprocess.DEVNULL, cwd=REPO)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(
+                cafile=certs.ca_cert))) as session:
+            for _ in range(1000):
+                try:
+                    async with session.get(f"http://127.0.0.1:{ports[1]}/readyz") as response:
+                        ready = response.status == 200
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.01)
+            assert not ready, "the gateway was ready before the test could signal it while it starts"
+            process.send_signal(signal.SIGHUP)
+            await wait_for_generation(session, ports[1], 2)
+            assert process.returncode is None
+            async with session.post(f"https://localhost:{ports[0]}/v1/models/{MODEL}:predict",
+                                    json={"instances": [2.0]}) as response:
+                assert response.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sighup_reloads_wait_for_the_start_and_are_ignored_while_stopping() -> None:
+    """The handler itself, with real signals to this process: before the gateway serves a SIGHUP's reload waits;
+    once it serves, it runs; while it stops, a SIGHUP starts nothing. Removed, SIGHUP is the default again."""
+    reasons: list[str] = []
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def reload(reason: str) -> None:
+        reasons.append(reason)
+
+    sighup = SighupReloads(tasks, reload)
+    sighup.install()
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0.1)
+        assert len(tasks) == 1 and reasons == []  # waiting for the start
+        sighup.serving.set()
+        await asyncio.gather(*tasks)
+        assert reasons == ["SIGHUP"] and tasks == []
+        sighup.stopping = True
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0.1)
+        assert tasks == [] and reasons == ["SIGHUP"]
+    finally:
+        sighup.remove()
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
 
 
 async def wait_for_generation(session: aiohttp.ClientSession, admin_port: int, generation: int) -> None:
