@@ -137,12 +137,7 @@ class Gateway:
         return self._admin_server.port
 
     async def start(self) -> None:
-        self._sighup.install()
-        try:
-            await self._start()
-        except BaseException:
-            self._sighup.remove()
-            raise
+        await self._sighup.starting(self._start())
 
     async def _start(self) -> None:
         try:

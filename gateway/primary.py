@@ -156,12 +156,7 @@ class Primary:
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._sighup.install()
-        try:
-            await self._start()
-        except BaseException:
-            self._sighup.remove()
-            raise
+        await self._sighup.starting(self._start())
 
     async def _start(self) -> None:
         self._run_dir = Path(tempfile.mkdtemp(prefix="tfgate-primary-"))

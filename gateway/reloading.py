@@ -97,9 +97,15 @@ class SighupReloads:
         self._tasks = tasks
         self._reload = reload
 
-    def install(self) -> None:
+    async def starting(self, start: Awaitable[None]) -> None:
+        """Await the gateway's `start` with the handler installed; a start that fails leaves SIGHUP as it was."""
         with contextlib.suppress(RuntimeError, ValueError):  # only the main thread's loop takes signals
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+        try:
+            await start
+        except BaseException:
+            self.remove()
+            raise
 
     def remove(self) -> None:
         with contextlib.suppress(RuntimeError, ValueError):

@@ -400,7 +400,8 @@ async def test_a_sighup_while_the_gateway_starts_neither_kills_it_nor_is_lost(
 
 async def test_sighup_reloads_wait_for_the_start_and_are_ignored_while_stopping() -> None:
     """The handler itself, with real signals to this process: before the gateway serves a SIGHUP's reload waits;
-    once it serves, it runs; while it stops, a SIGHUP starts nothing. Removed, SIGHUP is the default again."""
+    once it serves, it runs; while it stops, a SIGHUP starts nothing. Removed, or after a failed start, SIGHUP is
+    the default again."""
     reasons: list[str] = []
     tasks: list[asyncio.Task[Any]] = []
 
@@ -408,7 +409,7 @@ async def test_sighup_reloads_wait_for_the_start_and_are_ignored_while_stopping(
         reasons.append(reason)
 
     sighup = SighupReloads(tasks, reload)
-    sighup.install()
+    await sighup.starting(asyncio.sleep(0))
     try:
         os.kill(os.getpid(), signal.SIGHUP)
         await asyncio.sleep(0.1)
@@ -423,6 +424,13 @@ async def test_sighup_reloads_wait_for_the_start_and_are_ignored_while_stopping(
     finally:
         sighup.remove()
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+
+    async def failing_start() -> None:
+        raise StartupError("no")
+
+    with pytest.raises(StartupError):
+        await sighup.starting(failing_start())
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # a failed start leaves SIGHUP as it was
 
 
 async def wait_for_generation(session: aiohttp.ClientSession, admin_port: int, generation: int) -> None:
