@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, how long in-flight requests may take to finish (default 10)")
     # A worker of gateway/primary.py: it writes its admin port to this file once it serves, ...
     parser.add_argument("--worker-ready-file", type=Path, help=argparse.SUPPRESS)
-    # ... and keeps its rate limits' buckets in this file, shared with the other workers.
+    # ... and keeps its rate limits' buckets in this file, shared with the other workers; its log lines name it.
     parser.add_argument("--shared-rate-limits", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
 
 class Running(Protocol):
@@ -105,13 +106,16 @@ async def serve(config: Path, grace_s: float, on_ready: Callable[[Running], None
     return 0
 
 
-def configure_logging() -> None:
-    """The server's own log lines go to stderr; stdout carries the JSON access lines (gateway/accesslog.py)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(worker_index: int | None = None) -> None:
+    """The server's own log lines go to stderr; stdout carries the JSON access lines (gateway/accesslog.py). The
+    workers of one gateway share its stderr and each logs what it sees (a backend turning unhealthy, a reload), so
+    their lines name the worker: otherwise one event reads as the same line repeated."""
+    worker = "" if worker_index is None else f" [worker {worker_index}]"
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s{worker}: %(message)s")
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging()
+    configure_logging(args.worker_index)
     return uvloop.run(serve(args.config, args.grace_s, ready_file=args.worker_ready_file,
                             shared_rate_limits=args.shared_rate_limits))
 

@@ -300,7 +300,8 @@ class Primary:
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway", "--config", str(self._run_dir / "worker.yaml"),
                 "--grace-s", f"{self._grace_s:g}", "--worker-ready-file", str(ready_file),
-                "--shared-rate-limits", str(self._buckets.path), stdin=asyncio.subprocess.DEVNULL,
+                "--shared-rate-limits", str(self._buckets.path), "--worker-index", str(worker.index),
+                stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=die_with_parent)
             policy.on_started(self._clock())
             waiting = asyncio.create_task(self._admin_when_ready(worker, ready_file))

@@ -5,6 +5,7 @@ Rate limits hold across workers, one reload (admin call or SIGHUP) reaches every
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,9 @@ def test_a_reload_reaches_every_worker(start_workers: Callable[..., GatewayProce
     bad = requests.post(f"{gateway.admin}/admin/reload", headers=ADMIN, timeout=30)
     assert bad.status_code == 400 and "still serving generation" in bad.json()["error"]
     assert predict_on_new_connection(gateway, certs).status_code == 200
+    # Each worker logs the reloads the primary pushed to it, and says which worker it is.
+    pushed = re.findall(r"\[worker (\d+)\]: config reload \(admin request\)", gateway.log())
+    assert set(pushed) == {"0", "1"}, gateway.log_tail()
 
 
 def generation(gateway: GatewayProcess) -> int:
