@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, how long in-flight requests may take to finish (default 10)")
     # A worker of gateway/primary.py: it writes its admin port to this file once it serves, ...
     parser.add_argument("--worker-ready-file", type=Path, help=argparse.SUPPRESS)
-    # ... and keeps its rate limits' buckets in this file, shared with the other workers; its log lines name it.
+    # ... keeps its rate limits' buckets in this file, shared with the other workers, ...
     parser.add_argument("--shared-rate-limits", type=Path, help=argparse.SUPPRESS)
+    # ... and names itself by this index in its log lines.
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
 
