@@ -4,7 +4,9 @@ How it works: each (model version, signature, outputs, per-row input shapes) has
 task. A call joins its queue and awaits a future. The dispatcher waits until the queue's batch is due (see
 batching.py), then for a free batch thread (`num_batch_threads`), takes the batch, and runs it on the executor:
 inputs are concatenated along dimension 0 (and padded to an allowed batch size with copies of the first row), the
-signature runs once, and each caller gets exactly its own rows of every output. A call too large for one batch, or
+signature runs once, and each caller gets exactly its own rows of every output. A call that completes a whole batch
+starts it itself when a batch thread is free, without yielding, so TensorFlow overlaps the parsing of the requests
+behind it instead of waiting for the event loop to finish a burst. A call too large for one batch, or
 without a shared dimension 0, runs alone. REST and gRPC share the batcher, so their requests batch together.
 A version directory's own `batching_params.pbtxt` (TF Serving's per-model convention) overrides the global
 parameters for that version's queues, except `num_batch_threads`: the batch threads are one pool for the process,
@@ -28,7 +30,7 @@ import numpy as np
 from backend import errors, inference
 from backend.batching import Batch, BatchPolicy, BatchQueue, Task
 from backend.batching_config import BatchingParameters
-from backend.deadlines import run_before_deadline
+from backend.deadlines import finish_before_deadline, start_before_deadline
 from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.runners import DirectRunner
@@ -91,10 +93,18 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
         future.add_done_callback(_retrieve)  # a caller that gave up must not leave an unretrieved exception
-        if not lane.queue.admit(Task(rows=rows, enqueued_at=self._clock(), deadline=deadline,
-                                     payload=_Pending(call, future), abandoned=future.done)):
+        queue = lane.queue
+        if not queue.admit(Task(rows=rows, enqueued_at=self._clock(), deadline=deadline,
+                                payload=_Pending(call, future), abandoned=future.done)):
             raise errors.ResourceExhausted("The batch scheduling queue to which this request was submitted is full")
-        lane.wake.set()
+        if len(queue) == 1 or queue.full():  # a new oldest call sets the timeout; a whole batch is due now
+            threads = self._threads
+            if queue.full() and not threads.locked():
+                # A free thread is taken without yielding, so the batch starts before the event loop reads the next
+                # request: TensorFlow runs while later requests are parsed, instead of after a burst of them.
+                await threads.acquire()
+                self._start_batch(queue, threads)
+            lane.wake.set()
         # A timer instead of wait_for(): no extra task per call. Past the deadline the caller gets its answer at
         # once, and the queue drops the call before it runs; a caller cancelled (client gone) cancels the future,
         # which the queue skips too.
@@ -124,15 +134,7 @@ class Batcher:
                 return
             threads = self._threads
             await threads.acquire()
-            batch = queue.take(self._clock())
-            for task in batch.expired:
-                _expire(task.payload.future)
-            if not batch.tasks:
-                threads.release()
-                continue
-            running = asyncio.create_task(self._run_batch(batch, threads))
-            self._running.add(running)
-            running.add_done_callback(self._running.discard)
+            self._start_batch(queue, threads)
 
     async def _wait_until_due(self, lane: _Lane) -> bool:
         """Wait until the lane's batch is due; False when it stayed empty for IDLE_LANE_S."""
@@ -146,27 +148,40 @@ class Batcher:
                     return False
         return True
 
-    async def _run_batch(self, batch: Batch[_Pending], threads: asyncio.Semaphore) -> None:
+    def _start_batch(self, queue: BatchQueue[_Pending], threads: asyncio.Semaphore) -> None:
+        """Take the due batch and hand it to the held batch thread now; a task delivers its results."""
         started = self._clock()
-        calls = [task.payload.call for task in batch.tasks]
-        first = calls[0]
-        try:
-            deadlines = [task.deadline for task in batch.tasks]
-            latest = None if None in deadlines else max(d for d in deadlines if d is not None)
-            pad = (first.servable.batching or self._parameters).pad_variable_length_inputs
-            outputs = await run_before_deadline(self._executor, latest,
-                                                lambda: _run_merged(calls, batch.padded_rows, pad))
-        except errors.ServingError as error:
-            for task in batch.tasks:
-                _fail(task.payload.future, error)
+        batch = queue.take(started)
+        for task in batch.expired:
+            _expire(task.payload.future)
+        if not batch.tasks:
+            threads.release()
             return
-        except Exception as error:  # a bug must fail this batch's calls, never the dispatcher
-            log.exception("batch of %d rows failed", batch.rows)
-            for task in batch.tasks:
-                _fail(task.payload.future, errors.Internal(f"batch failed: {error}"))
+        calls = [task.payload.call for task in batch.tasks]
+        deadlines = [task.deadline for task in batch.tasks]
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        pad = (calls[0].servable.batching or self._parameters).pad_variable_length_inputs
+        try:
+            work = start_before_deadline(self._executor, latest, lambda: _run_merged(calls, batch.padded_rows, pad))
+        except Exception as error:  # a bug must fail this batch only (see _fail_batch)
+            threads.release()
+            _fail_batch(batch, error)
+            return
+        running = asyncio.get_running_loop().create_task(self._finish_batch(batch, threads, work, latest, started))
+        self._running.add(running)
+        running.add_done_callback(self._running.discard)
+
+    async def _finish_batch(self, batch: Batch[_Pending], threads: asyncio.Semaphore,
+                            work: asyncio.Future[list[dict[str, np.ndarray]]], latest: float | None,
+                            started: float) -> None:
+        try:
+            outputs = await finish_before_deadline(work, latest)
+        except Exception as error:  # as above
+            _fail_batch(batch, error)
             return
         finally:
             threads.release()
+        first = batch.tasks[0].payload.call
         self._metrics.observe_batch(model=first.servable.name, rows=batch.rows, padded_rows=batch.padded_rows,
                                     queue_seconds=[started - task.enqueued_at for task in batch.tasks])
         for task, result in zip(batch.tasks, outputs):
@@ -195,6 +210,16 @@ def _retrieve(future: asyncio.Future[dict[str, np.ndarray]]) -> None:
 def _fail(future: asyncio.Future[dict[str, np.ndarray]], error: errors.ServingError) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _fail_batch(batch: Batch[_Pending], error: Exception) -> None:
+    """Fail the batch's calls with a ServingError as it is; anything else is a bug, logged, and fails only this
+    batch's calls as INTERNAL, never the dispatcher."""
+    if not isinstance(error, errors.ServingError):
+        log.error("batch of %d rows failed", batch.rows, exc_info=error)
+        error = errors.Internal(f"batch failed: {error}")
+    for task in batch.tasks:
+        _fail(task.payload.future, error)
 
 
 def _expire(future: asyncio.Future[dict[str, np.ndarray]]) -> None:

@@ -84,9 +84,13 @@ class BatchQueue(Generic[Payload]):
         """When the oldest task's batch is due by timeout; None when empty."""
         return self._tasks[0].enqueued_at + self.policy.timeout_s if self._tasks else None
 
+    def full(self) -> bool:
+        """Whether the queue holds a whole batch: it is due now, whatever the timeout."""
+        return self._rows >= self.policy.max_batch_size
+
     def ready(self, now: float) -> bool:
         due = self.due_at()
-        return due is not None and (self._rows >= self.policy.max_batch_size or now >= due)
+        return due is not None and (self.full() or now >= due)
 
     def take(self, now: float) -> Batch[Payload]:
         expired = [task for task in self._tasks if task.expired(now)]

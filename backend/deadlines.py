@@ -22,6 +22,14 @@ T = TypeVar("T")
 async def run_before_deadline(executor: Executor, deadline: float | None, work: Callable[[], T],
                               expired_message: str = "Deadline Exceeded") -> T:
     """Run `work` on the executor unless `deadline` (time.monotonic() seconds; None: none) passes first."""
+    return await finish_before_deadline(start_before_deadline(executor, deadline, work, expired_message), deadline,
+                                        expired_message)
+
+
+def start_before_deadline(executor: Executor, deadline: float | None, work: Callable[[], T],
+                          expired_message: str = "Deadline Exceeded") -> asyncio.Future[T]:
+    """Hand `work` to the executor now, without yielding to the event loop; it is skipped if `deadline` has passed
+    by the time a thread takes it."""
 
     def guarded() -> T:
         if deadline is not None and time.monotonic() >= deadline:
@@ -30,7 +38,12 @@ async def run_before_deadline(executor: Executor, deadline: float | None, work: 
 
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded(expired_message)
-    future = asyncio.get_running_loop().run_in_executor(executor, guarded)
+    return asyncio.get_running_loop().run_in_executor(executor, guarded)
+
+
+async def finish_before_deadline(future: asyncio.Future[T], deadline: float | None,
+                                 expired_message: str = "Deadline Exceeded") -> T:
+    """Await work started by start_before_deadline, for no longer than `deadline`."""
     try:
         return await asyncio.wait_for(future, None if deadline is None else deadline - time.monotonic())
     except TimeoutError:

@@ -87,8 +87,10 @@ class RecordingSignature:
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.batches: list[int] = []
         self.gate = gate
+        self.entered = threading.Event()
 
     def __call__(self, inputs: Mapping[str, np.ndarray], output_keys: Sequence[str]) -> dict[str, np.ndarray]:
+        self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10)
         x = inputs["x"]
@@ -142,6 +144,27 @@ async def test_concurrent_calls_merge_and_each_gets_exactly_its_rows(executor: T
         assert result["rows"].tolist() == [8] * call.inputs["x"].shape[0]
     exposition = registry_metrics.exposition()[0].decode()
     assert 'tfgate_backend_batch_padding_rows_total{model="m"} 1.0' in exposition
+
+
+async def test_a_whole_batch_starts_on_a_thread_before_the_event_loop_runs_anything_else(
+        executor: ThreadPoolExecutor) -> None:
+    """So TensorFlow runs while the event loop parses the requests behind it, not after a burst of them."""
+    model = FakeModel()
+    batcher = Batcher(parameters(max_batch_size=2), executor, BackendMetrics())
+    try:
+        first = asyncio.ensure_future(batcher.run(model.call(np.ones((1, 1), np.float32)), None))
+        await asyncio.sleep(0)  # queued; its batch is not due for 50 ms
+        filling = asyncio.ensure_future(batcher.run(model.call(np.ones((1, 1), np.float32)), None))
+        started_before_the_next_callback: list[bool] = []
+        # Runs right after `filling` is admitted; it blocks the loop, so the batch can start only if admitting it
+        # handed the batch to a thread itself.
+        asyncio.get_running_loop().call_soon(lambda: started_before_the_next_callback.append(
+            model.runner.entered.wait(2)))
+        await asyncio.gather(first, filling)
+    finally:
+        await batcher.close()
+    assert started_before_the_next_callback == [True]
+    assert model.runner.batches == [2]
 
 
 async def test_full_queue_is_resource_exhausted(executor: ThreadPoolExecutor) -> None:
