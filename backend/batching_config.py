@@ -27,7 +27,7 @@ _IGNORED = ("thread_pool_name", "enable_large_batch_splitting", "max_execution_b
 _POSITIVE = ("max_batch_size", "max_enqueued_batches", "num_batch_threads")
 
 
-def _schedulable_cpus() -> int:
+def schedulable_cpus() -> int:
     """As TF's `port::MaxParallelism()`: the CPUs this process may run on, so a cpuset or taskset counts."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -45,7 +45,7 @@ class BatchingParameters:
     max_batch_size: int = 1000
     batch_timeout_micros: int = 0
     max_enqueued_batches: int = 10
-    num_batch_threads: int = field(default_factory=_schedulable_cpus)
+    num_batch_threads: int = field(default_factory=schedulable_cpus)
     allowed_batch_sizes: tuple[int, ...] = ()
     pad_variable_length_inputs: bool = False
     ignored_fields: tuple[str, ...] = ()
@@ -53,6 +53,12 @@ class BatchingParameters:
     @property
     def batch_timeout_s(self) -> float:
         return self.batch_timeout_micros / 1_000_000
+
+    def intra_op_threads(self, cpus: int) -> int:
+        """Threads one op may use when the operator left it to us: the CPUs split among the batches that run at
+        once. TensorFlow's own choice, every CPU for every op, puts two batches and the event loop on the same cores,
+        and an op split across threads waits for its slowest one (a thread the event loop has preempted)."""
+        return max(1, cpus // self.num_batch_threads)
 
 
 def read_batching_parameters(path: str | os.PathLike[str]) -> BatchingParameters:

@@ -35,6 +35,7 @@ from backend.batching_config import (
     BatchingParameters,
     read_batching_parameters,
     read_model_batching_parameters,
+    schedulable_cpus,
 )
 from backend.flags import ServerFlags
 from backend.grpc_service import GrpcContext, add_services
@@ -110,18 +111,25 @@ def _batching_parameters(flags: ServerFlags) -> BatchingParameters | None:
 GIL_SWITCH_INTERVAL_S = 100e-6
 
 
-def _configure_tensorflow(flags: ServerFlags) -> tf.compat.v1.ConfigProto:
-    """Thread pools sized by the flags; 0 keeps TensorFlow's choice (all cores), as in TF Serving. Also shortens
-    the GIL switch interval, so inference threads are not starved by the event loop."""
+def _configure_tensorflow(flags: ServerFlags, batching: BatchingParameters | None) -> tf.compat.v1.ConfigProto:
+    """Thread pools sized by the flags; 0 keeps TensorFlow's choice (all cores), as in TF Serving, except the
+    intra-op pool when batching is on (see BatchingParameters.intra_op_threads; fixed at start, as every Session's
+    pools are). Also shortens the GIL switch interval, so inference threads are not starved by the event loop."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    tf.config.threading.set_intra_op_parallelism_threads(flags.tensorflow_intra_op_parallelism)
+    intra_op = flags.tensorflow_intra_op_parallelism
+    if not intra_op and batching is not None:
+        intra_op = batching.intra_op_threads(schedulable_cpus())
+        log.info("TensorFlow intra-op threads: %d per op (%d CPUs, num_batch_threads %d)", intra_op,
+                 schedulable_cpus(), batching.num_batch_threads)
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     tf.config.threading.set_inter_op_parallelism_threads(flags.tensorflow_inter_op_parallelism)
-    return tf.compat.v1.ConfigProto(intra_op_parallelism_threads=flags.tensorflow_intra_op_parallelism,
+    return tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op,
                                     inter_op_parallelism_threads=flags.tensorflow_inter_op_parallelism)
 
 
-def _loader(flags: ServerFlags, metrics: BackendMetrics) -> Callable[[str, int, Path], Servable]:
-    session_config = _configure_tensorflow(flags)
+def _loader(flags: ServerFlags, metrics: BackendMetrics,
+            batching: BatchingParameters | None) -> Callable[[str, int, Path], Servable]:
+    session_config = _configure_tensorflow(flags, batching)
 
     def load(name: str, version: int, path: Path) -> Servable:
         started = time.perf_counter()
@@ -162,7 +170,7 @@ async def serve(flags: ServerFlags) -> None:
         policy = LoadPolicy(max_load_retries=flags.max_num_load_retries,
                             load_retry_interval_s=flags.load_retry_interval_micros / 1e6,
                             allow_labels_for_unavailable=flags.allow_version_labels_for_unavailable_models)
-        manager = ModelManager(_loader(flags, metrics), load_executor, policy, observer=metrics)
+        manager = ModelManager(_loader(flags, metrics, settings.batching), load_executor, policy, observer=metrics)
         if not await _load_initial_models(manager, settings.models, flags, stop):
             return
         runner: CallRunner = DirectRunner(inference_executor)

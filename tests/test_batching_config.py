@@ -51,6 +51,12 @@ def test_a_full_file(tmp_path: Path) -> None:
     assert read_batching_parameters(path).batch_timeout_s == pytest.approx(0.0025)
 
 
+@pytest.mark.parametrize(("cpus", "batch_threads", "intra_op"), [(2, 2, 1), (8, 2, 4), (8, 3, 2), (2, 4, 1), (1, 1, 1)])
+def test_intra_op_threads_split_the_cpus_among_the_batches_that_run_at_once(cpus: int, batch_threads: int,
+                                                                            intra_op: int) -> None:
+    assert BatchingParameters(num_batch_threads=batch_threads).intra_op_threads(cpus) == intra_op
+
+
 def test_a_set_zero_is_not_an_absent_field() -> None:
     """The wrapper types tell "absent" (TF Serving's default) from an explicit value, even a default-looking one."""
     with pytest.raises(BatchingConfigError, match="max_enqueued_batches must be positive, not 0"):

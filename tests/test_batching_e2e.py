@@ -4,6 +4,7 @@ queue answers 429 / RESOURCE_EXHAUSTED, and a changed batching file is applied w
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from pathlib import Path
@@ -85,6 +86,8 @@ def test_rest_and_grpc_calls_merge_and_each_gets_exactly_its_rows(start_backend:
     batches = metric(backend, "tfgate_backend_batch_size_rows_count", "hpt")
     assert 0 < batches < 2 * len(sizes), "calls were merged into fewer runs than calls"
     assert metric(backend, "tfgate_backend_batch_padding_rows_total", "hpt") > 0  # padded to allowed sizes
+    cpus = len(os.sched_getaffinity(0))  # the backend inherits this process's CPUs; one batch thread gets them all
+    assert f"TensorFlow intra-op threads: {cpus} per op ({cpus} CPUs, num_batch_threads 1)" in backend.log()
 
 
 def test_a_full_queue_answers_429_and_resource_exhausted(start_backend: StartBackend, demo_models: Path,
