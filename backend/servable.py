@@ -6,8 +6,7 @@ a compiled step (`Session::MakeCallable`) fed and fetched by the signature's ten
 inputs and outputs a client asks for. On the demo MLP this takes 0.4-0.7 ms less per call at 1-3 rows than running
 the TF2 signature as an eager concrete function did, and a 64-row batch in the batching server a median 4.6 ms
 instead of 7.7: the eager call's Python glue and function runtime are gone. Steps are safe to call from several
-threads at once.
-Metadata always comes from the SignatureDefs as written, so it matches TF Serving's.
+threads at once. Metadata always comes from the SignatureDefs as written, so it matches TF Serving's.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
+from tensorflow.python.util import deprecation
 
 from backend import errors
 from backend.batching_config import BatchingParameters
@@ -97,7 +97,7 @@ def load_servable(name: str, version: int, path: Path, tags: Sequence[str],
             run=runners[key],
         )
         for key, definition in meta_graph.signature_def.items()
-        if key != INIT_OP_SIGNATURE_KEY
+        if key in runners
     }
     return Servable(name=name, version=version,
                     signature_defs=MappingProxyType(dict(meta_graph.signature_def)),
@@ -129,12 +129,15 @@ def _load_into_session(path: Path, tags: Sequence[str], meta_graph: meta_graph_p
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph, config=session_config)
     try:
-        with graph.as_default():
+        # The v1 loader's deprecation notice ("use tf.saved_model.load") is meant for training code; logged for every
+        # version a server loads, it would only mislead operators.
+        with graph.as_default(), deprecation.silence():
             tf.compat.v1.saved_model.loader.load(session, list(tags), str(path))
     except Exception as error:  # TF raises many types while loading; all mean "this version cannot load"
         session.close()
         raise errors.Internal(f"Failed to load SavedModel {path}: {error}") from error
-    return {key: _session_runner(session, definition) for key, definition in meta_graph.signature_def.items()}
+    return {key: _session_runner(session, definition) for key, definition in meta_graph.signature_def.items()
+            if key != INIT_OP_SIGNATURE_KEY}
 
 
 # Distinct (inputs, outputs) pairs one signature keeps a compiled step for; clients pick outputs with
