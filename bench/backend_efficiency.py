@@ -18,8 +18,9 @@ Loads but (f)'s are closed loops from bench.load (REST: one keep-alive connectio
 one channel), each --seconds after --warmup; servers run one at a time on loopback and are always stopped. A
 backend that refuses --enable_batching at start ("does not support yet") makes (b), and so (f), skipped parts, with
 that reason. --quick measures fewer parts (batch sizes 1 and 64; 1-row loads only), for tests. Also printed:
-(b)/(d) in requests/s, and "gen CPU", the load generator's own share of one core during each row (it shares the 2
-cores).
+(b)/(d) in requests/s, "gen CPU", the load generator's own share of one core during each row (it shares the 2
+cores), and "server CPU", the server's (all its threads; 200% is both cores), so a row can be read as limited by
+the machine or by waiting.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bench.latency import RequestFailed
 from bench.load import Load, run_load
 from bench.options import add_loop_options
 from bench.plot import plot_latency
+from bench.proxies import CpuMeter
 from bench.report import (
     Column,
     environment,
@@ -50,6 +52,7 @@ from bench.report import (
     number,
     print_errors,
     ratio,
+    share_column,
     write_json,
 )
 from bench.targets import RestTarget, Target, grpc_predict, rest_predict, seeded_rows
@@ -71,7 +74,8 @@ COLUMNS = (
     Column("requests/s", 12, lambda result: number(result["requests_per_s"])),
     *(latency_column(key, "ms") for key in ("p50", "p99", "p99.9")),
     Column("vs (a)", 8, lambda result: number(result.get("vs_in_process"), 3)),
-    Column("gen CPU", 9, lambda result: "-" if "generator_cpu" not in result else f"{result['generator_cpu']:.0%}"),
+    share_column("gen CPU", "generator_cpu", 9),
+    share_column("server CPU", "server_cpu", 12),
     Column("errors", 8, lambda result: str(result["errors"])),
 )
 
@@ -200,8 +204,9 @@ def _half_rate(backend: BackendProcess, max_rate: float, args: argparse.Namespac
 
 def _run(part: str, server: ServerProcess, case: Case, load: Load, key: str, text: str) -> dict[str, Any]:
     label = _label(part, text)
-    summary = run_load(_target(server, case), load, label)
-    return {"part": part, "key": key, "label": label, "rows": case.rows, **summary}
+    with CpuMeter({"server_cpu": server}) as cpu:
+        summary = run_load(_target(server, case), load, label)
+    return {"part": part, "key": key, "label": label, "rows": case.rows, **summary, **cpu.shares}
 
 
 def _find(results: list[dict[str, Any]], part: str, key: str) -> dict[str, Any]:

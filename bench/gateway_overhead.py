@@ -58,6 +58,7 @@ from bench.report import (
     print_contenders,
     print_errors,
     ratio,
+    share_column,
     verdict,
     write_json,
 )
@@ -77,16 +78,12 @@ _UNLIMITED = {"per_second": 1e9, "burst": 1e9}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gateway-overhead.json"
 
 
-def _share(title: str, key: str) -> Column:
-    return Column(title, 13, lambda result: "-" if result.get(key) is None else f"{result[key]:.0%}")
-
-
 COLUMNS = (
     Column("requests/s", 12, lambda result: number(result["requests_per_s"])),
     *(latency_column(key, "ms") for key in ("p50", "p90", "p99")),
-    _share("gen CPU", "generator_cpu"),
-    _share("backend CPU", "backend_cpu"),
-    _share("proxy CPU", "proxy_cpu"),
+    share_column("gen CPU", "generator_cpu"),
+    share_column("backend CPU", "backend_cpu"),
+    share_column("proxy CPU", "proxy_cpu"),
     Column("errors", 8, lambda result: str(result["errors"])),
 )
 

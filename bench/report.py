@@ -57,6 +57,11 @@ def format_ratios(title: str, ratios: Mapping[str, float | None]) -> str:
     return f"{title}: " + ", ".join(f"{name} = {number(value, 3)}" for name, value in ratios.items())
 
 
+def share_column(title: str, key: str, width: int = 13) -> Column:
+    """A CPU share of one core (`summary[key]`, as 0.42 for 42%), "-" where it was not measured."""
+    return Column(title, width, lambda summary: "-" if summary.get(key) is None else f"{summary[key]:.0%}")
+
+
 def number(value: float | None, decimals: int = 1) -> str:
     return "-" if value is None else f"{value:.{decimals}f}"
 
