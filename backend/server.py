@@ -118,9 +118,10 @@ def _configure_tensorflow(flags: ServerFlags, batching: BatchingParameters | Non
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     intra_op = flags.tensorflow_intra_op_parallelism
     if not intra_op and batching is not None:
-        intra_op = batching.intra_op_threads(schedulable_cpus())
-        log.info("TensorFlow intra-op threads: %d per op (%d CPUs, num_batch_threads %d)", intra_op,
-                 schedulable_cpus(), batching.num_batch_threads)
+        cpus = schedulable_cpus()
+        intra_op = batching.intra_op_threads(cpus)
+        log.info("TensorFlow intra-op threads: %d per op (%d CPUs, num_batch_threads %d)", intra_op, cpus,
+                 batching.num_batch_threads)
     tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     tf.config.threading.set_inter_op_parallelism_threads(flags.tensorflow_inter_op_parallelism)
     return tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op,
