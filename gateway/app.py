@@ -42,8 +42,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.reloading import (
     READ_ERRORS,
+    Lifecycle,
     ReadConfig,
-    SighupReloads,
     read_config,
     reload_config,
     watch_config,
@@ -88,9 +88,8 @@ class Gateway:
         self.grpc_port = 0  # once listening, when listen.grpc is set
         self._admin_server: HttpServer | None = None
         self._watchers: list[asyncio.Task[object]] = []
-        self._sighup = SighupReloads(self._watchers, self.reload)
-        self._stopping = False
-        self._serving = False  # the edge listens (not yet while the fleet loads)
+        # Serving once the edge listens, not while the fleet loads.
+        self._lifecycle = Lifecycle(self._watchers, self.reload)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -124,7 +123,7 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self._serving and not self._stopping
+        return self._lifecycle.ready
 
     @property
     def https_port(self) -> int:
@@ -137,7 +136,7 @@ class Gateway:
         return self._admin_server.port
 
     async def start(self) -> None:
-        await self._sighup.starting(self._start())
+        await self._lifecycle.starting(self._start())
 
     async def _start(self) -> None:
         try:
@@ -172,8 +171,7 @@ class Gateway:
                                           switching_context(lambda: self.snapshot.tls), reuse_port=self._reuse_port)
             if descriptors is not None:
                 await self._start_grpc(config, guard, descriptors)
-            self._serving = True
-            self._sighup.serving.set()
+            self._lifecycle.serving.set()
         except (OSError, RuntimeError) as error:  # gRPC reports a port it cannot bind as RuntimeError
             await self.stop(0)
             raise StartupError(f"cannot listen: {error}") from None
@@ -250,7 +248,7 @@ class Gateway:
 
     async def stop(self, grace_s: float) -> None:
         """Graceful stop; see the module docstring."""
-        self._stopping = self._sighup.stopping = True
+        self._lifecycle.stopping = True
         if self._grpc_health is not None:
             await set_serving(self._grpc_health, False)  # health checkers stop sending first, as /readyz does
         drains = [self._edge_server.shutdown(grace_s)] if self._edge_server is not None else []
@@ -268,4 +266,4 @@ class Gateway:
         await self._fleet.stop()
         await self.upstreams.close()
         self.access_log.flush()
-        self._sighup.remove()
+        self._lifecycle.remove()

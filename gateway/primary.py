@@ -47,8 +47,8 @@ from gateway.merge import merge_backends, merge_expositions
 from gateway.metrics import GatewayMetrics
 from gateway.reloading import (
     READ_ERRORS,
+    Lifecycle,
     ReadConfig,
-    SighupReloads,
     read_config,
     reload_config,
     watch_config,
@@ -102,9 +102,7 @@ class Primary:
         self._reserved_grpc: socket.socket | None = None
         self._grpc: HostPort | None = None
         self._admin_server: HttpServer | None = None
-        self._sighup = SighupReloads(self._tasks, self.reload)
-        self._serving = False
-        self._stopping = False
+        self._lifecycle = Lifecycle(self._tasks, self.reload)
 
     # ---- what the admin API and `tfgate up` read ------------------------------------------------------------------
 
@@ -124,7 +122,7 @@ class Primary:
 
     @property
     def ready(self) -> bool:
-        return self._serving and not self._stopping and any(w.admin is not None for w in self._workers)
+        return self._lifecycle.ready and any(w.admin is not None for w in self._workers)
 
     @property
     def https_port(self) -> int:
@@ -156,7 +154,7 @@ class Primary:
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._sighup.starting(self._start())
+        await self._lifecycle.starting(self._start())
 
     async def _start(self) -> None:
         self._run_dir = Path(tempfile.mkdtemp(prefix="tfgate-primary-"))
@@ -195,13 +193,12 @@ class Primary:
             await self.stop(0)
             raise StartupError("the gateway workers did not start; see their log lines above")
         self._tasks.append(asyncio.create_task(self._push_forever(), name="worker config pusher"))
-        self._serving = True
-        self._sighup.serving.set()
+        self._lifecycle.serving.set()
         log.info("tfgate gateway: %d workers on https %s, admin on http://%s:%d, config %s", len(self._workers),
                  self._https, config.listen.admin.host, self.admin_port, self.config_path)
 
     async def stop(self, grace_s: float) -> None:
-        self._stopping = self._sighup.stopping = True
+        self._lifecycle.stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -217,7 +214,7 @@ class Primary:
                 reserved.close()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
-        self._sighup.remove()
+        self._lifecycle.remove()
 
     # ---- reloads --------------------------------------------------------------------------------------------------
 
@@ -311,7 +308,7 @@ class Primary:
             if worker.admin is not None:
                 admin, worker.admin = worker.admin, None
                 await admin.close()
-            if self._stopping:
+            if self._lifecycle.stopping:
                 return
             log.error("gateway worker %d (pid %d) exited with %s", worker.index, worker.process.pid, exit_text(code))
             delay = policy.on_exit(self._clock(), self._rng)
@@ -324,7 +321,7 @@ class Primary:
         while not ready_file.exists() or not ready_file.read_text().strip():
             await asyncio.sleep(_POLL_S)
         worker.admin = HttpPool("127.0.0.1", int(ready_file.read_text()), connect_timeout_s=_ADMIN_CALL_TIMEOUT_S)
-        if self._serving:  # restarted: it may have read the worker config just before a change
+        if self._lifecycle.serving.is_set():  # restarted: it may have read the worker config just before a change
             log.info("gateway worker %d is back", worker.index)
             self._push_needed.set()
 

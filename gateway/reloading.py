@@ -84,18 +84,23 @@ async def watch_config(path: Path, reload: Callable[[str], Awaitable[object]]) -
             await reload("file changed")
 
 
-class SighupReloads:
-    """SIGHUP starts a reload, as a task kept in `tasks` until done (so a stop can cancel it).
+class Lifecycle:
+    """Where a gateway (or the primary of its workers) is, starting, serving or stopping, and what SIGHUP does in
+    each: it starts a reload, as a task kept in `tasks` until done (so a stop can cancel it).
 
-    Installed before the gateway starts anything: SIGHUP's default action ends the process, so a signal sent while
-    it starts (a config tool reloading a service just started) or drains would otherwise kill it and every request
-    it holds. One that comes during the start reloads once the gateway serves; one during the stop is ignored."""
+    The handler is installed before the gateway starts anything: SIGHUP's default action ends the process, so a
+    signal sent while it starts (a config tool reloading a service just started) or drains would otherwise kill it
+    and every request it holds. One that comes during the start reloads once the gateway serves; one during the stop is ignored."""
 
     def __init__(self, tasks: list[asyncio.Task[Any]], reload: Callable[[str], Coroutine[Any, Any, object]]) -> None:
-        self.serving = asyncio.Event()
+        self.serving = asyncio.Event()  # set once the gateway listens
         self.stopping = False
         self._tasks = tasks
         self._reload = reload
+
+    @property
+    def ready(self) -> bool:
+        return self.serving.is_set() and not self.stopping
 
     async def starting(self, start: Awaitable[None]) -> None:
         """Await the gateway's `start` with the handler installed; a start that fails leaves SIGHUP as it was."""

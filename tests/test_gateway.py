@@ -28,7 +28,7 @@ from backend.http_server import HttpRequest, HttpResponse, HttpServer
 from bench.delay_proxy import DelayProxy
 from gateway.app import Gateway, StartupError
 from gateway.certs import CertPaths
-from gateway.reloading import SighupReloads
+from gateway.reloading import Lifecycle
 from tests.gateway_support import ADMIN, MODEL, config_document
 
 V1_ANSWER, V2_ANSWER = [3.0], [4.0]  # predict of [2.0]: v1 is x/2 + 2, v2 x/2 + 3
@@ -408,7 +408,7 @@ async def test_sighup_reloads_wait_for_the_start_and_are_ignored_while_stopping(
     async def reload(reason: str) -> None:
         reasons.append(reason)
 
-    sighup = SighupReloads(tasks, reload)
+    sighup = Lifecycle(tasks, reload)
     await sighup.starting(asyncio.sleep(0))
     try:
         os.kill(os.getpid(), signal.SIGHUP)
