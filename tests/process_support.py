@@ -9,15 +9,17 @@ from pathlib import Path
 from typing import Any
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll `condition` until it returns something true, and return that; fail naming `what` after `timeout_s`."""
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str,
+             detail: Callable[[], str] | None = None) -> Any:
+    """Poll `condition` until it returns something true, and return that; fail naming `what` after `timeout_s`,
+    with `detail()` (say, the server's log) when given, so a failure seen once in CI can be read afterwards."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}" + (f"\n{detail()}" if detail else ""))
 
 
 def alive(pid: int) -> bool:

@@ -143,7 +143,8 @@ def test_each_worker_is_pinned_to_one_gpu(start_fleet: Callable[..., GatewayProc
     env = fake_nvidia_smi(tmp_path / "bin", gpus)
     gateway = start_fleet({"gpus": "auto"}, env=env, wait=False)
     workers = wait_for(lambda: (w := _fleet_or_none(gateway)) and all(x["pid"] for x in w) and w, 60,
-                       "every worker to have a process")
+                       "every worker to have a process",
+                       lambda: f"fleet: {_fleet_or_none(gateway)}\ngateway log:\n{gateway.log_tail()}")
     assert [w["gpu"]["index"] for w in workers] == list(range(gpus))
     assert all(w["gpu"]["name"] == "NVIDIA Tesla T4" for w in workers)
     for worker in workers:
