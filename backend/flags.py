@@ -65,7 +65,8 @@ _HELP: dict[str, str] = {
     "load_retry_interval_micros": "wait between load retries",
     "saved_model_tags": "comma-separated MetaGraph tags to load",
     "tensorflow_intra_op_parallelism": "threads within one op; 0 lets TensorFlow choose",
-    "tensorflow_inter_op_parallelism": "ops run at once; 0 lets TensorFlow choose",
+    "tensorflow_inter_op_parallelism": "threads running a step's independent ops at once; 0 (tfgate's choice) or "
+                                       "negative: each step runs its ops in the thread that called it",
     "allow_version_labels_for_unavailable_models": "allow a label to point at a version not yet available",
     "grace_period_s": "on SIGTERM, how long in-flight requests may finish (tfgate addition)",
     "monitoring_config_file": "MonitoringConfig text proto; prometheus_config exposes metrics on the REST port",
@@ -153,8 +154,7 @@ def _check(flags: ServerFlags) -> None:
         if getattr(flags, name) <= 0:
             raise FlagError(f"--{name} must be positive")
     for name in ("model_config_file_poll_wait_seconds", "file_system_poll_wait_seconds", "max_num_load_retries",
-                 "load_retry_interval_micros", "tensorflow_intra_op_parallelism",
-                 "tensorflow_inter_op_parallelism", "grace_period_s"):
+                 "load_retry_interval_micros", "tensorflow_intra_op_parallelism", "grace_period_s"):
         if getattr(flags, name) < 0:
             raise FlagError(f"--{name} must not be negative")
     if flags.batching_parameters_file and not flags.enable_batching:

@@ -56,7 +56,7 @@ from backend.monitoring_config import (
 )
 from backend.rest import RestApi, RestOptions
 from backend.runners import CallRunner, DirectRunner
-from backend.servable import Servable, load_servable
+from backend.servable import CALLER_THREAD, Servable, load_servable, session_config
 from backend.ssl_config import SSLConfig, SSLConfigError, read_ssl_config
 from backend.warmup import run_warmup
 
@@ -112,9 +112,10 @@ GIL_SWITCH_INTERVAL_S = 100e-6
 
 
 def _configure_tensorflow(flags: ServerFlags, batching: BatchingParameters | None) -> tf.compat.v1.ConfigProto:
-    """Thread pools sized by the flags; 0 keeps TensorFlow's choice (all cores), as in TF Serving, except the
-    intra-op pool when batching is on (see BatchingParameters.intra_op_threads; fixed at start, as every Session's
-    pools are). Also shortens the GIL switch interval, so inference threads are not starved by the event loop."""
+    """Thread pools sized by the flags (fixed at start, as every Session's pools are): see `session_config`; the
+    intra-op pool at 0 is TensorFlow's choice, as in TF Serving, except when batching is on (see
+    BatchingParameters.intra_op_threads). Also shortens the GIL switch interval, so inference threads are not starved
+    by the event loop."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     intra_op = flags.tensorflow_intra_op_parallelism
     if not intra_op and batching is not None:
@@ -122,10 +123,13 @@ def _configure_tensorflow(flags: ServerFlags, batching: BatchingParameters | Non
         intra_op = batching.intra_op_threads(cpus)
         log.info("TensorFlow intra-op threads: %d per op (%d CPUs, num_batch_threads %d)", intra_op, cpus,
                  batching.num_batch_threads)
+    config = session_config(intra_op, flags.tensorflow_inter_op_parallelism)
+    if config.inter_op_parallelism_threads == CALLER_THREAD:
+        log.info("TensorFlow inter-op: each step runs its ops in the calling thread "
+                 "(--tensorflow_inter_op_parallelism=N > 0 gives it a pool of N threads)")
     tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    tf.config.threading.set_inter_op_parallelism_threads(flags.tensorflow_inter_op_parallelism)
-    return tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op,
-                                    inter_op_parallelism_threads=flags.tensorflow_inter_op_parallelism)
+    tf.config.threading.set_inter_op_parallelism_threads(max(config.inter_op_parallelism_threads, 0))  # eager: a pool
+    return config
 
 
 def _loader(flags: ServerFlags, metrics: BackendMetrics,

@@ -169,10 +169,11 @@ def run(args: argparse.Namespace) -> int:
 def _in_process(version_dir: Path, batch_sizes: Iterable[int], args: argparse.Namespace) -> list[dict[str, Any]]:
     """(a): the bare core at each batch size, in this process, before any server runs."""
     # TensorFlow: imported here so `--help` never pays for it.
-    from backend.servable import load_servable
+    from backend.servable import load_servable, session_config
     from bench.in_process import predict_call
 
-    servable = load_servable(MODEL, VERSION, version_dir, tags=("serve",))
+    # The backend's own Session threading at default flags: all cores per op, ops in the calling thread.
+    servable = load_servable(MODEL, VERSION, version_dir, tags=("serve",), session_config=session_config(0, 0))
     results = []
     for batch in batch_sizes:
         label = _label("a", f"predict, batch {batch}")

@@ -3,8 +3,9 @@
 How it works: with GPUs, one worker per GPU, pinned to exactly that GPU (`CUDA_VISIBLE_DEVICES` is its index, with
 `CUDA_DEVICE_ORDER=PCI_BUS_ID` so CUDA counts GPUs as nvidia-smi does); the cores are shared fairly between them
 (intra- and inter-op threads = cores // GPUs). Without GPUs, `cpu_replicas` CPU workers (default: one per two cores)
-with GPUs hidden explicitly (`CUDA_VISIBLE_DEVICES=-1`), each with cores // replicas intra-op threads and one
-inter-op thread, so replicas do not fight over the cores.
+with GPUs hidden explicitly (`CUDA_VISIBLE_DEVICES=-1`), each with cores // replicas intra-op threads and no
+inter-op pool (`--tensorflow_inter_op_parallelism=0`: a step runs its ops in the thread that called it), so replicas
+do not fight over the cores.
 
 Ports: a process listens on one numbered pair of loopback ports, gRPC on `base_port + 2*k` and REST on
 `base_port + 2*k + 1`. Worker i runs on pair i; while a rolling change replaces it, the replacement starts on the
@@ -61,7 +62,7 @@ def plan_workers(
     else:
         replicas = cpu_replicas if cpu_replicas is not None else max(1, cpu_count // 2)
         share = max(1, cpu_count // replicas)
-        slots.extend((None, {"CUDA_VISIBLE_DEVICES": "-1"}, share, 1) for _ in range(replicas))
+        slots.extend((None, {"CUDA_VISIBLE_DEVICES": "-1"}, share, 0) for _ in range(replicas))
     last_port = base_port + 2 * (len(slots) + 1) - 1  # n pairs, and one for a replacement
     if not 1 <= base_port or last_port > _MAX_PORT:
         raise ValueError(f"base_port {base_port} leaves no room for {2 * (len(slots) + 1)} ports up to {_MAX_PORT}")

@@ -88,6 +88,7 @@ def test_rest_and_grpc_calls_merge_and_each_gets_exactly_its_rows(start_backend:
     assert metric(backend, "tfgate_backend_batch_padding_rows_total", "hpt") > 0  # padded to allowed sizes
     cpus = len(os.sched_getaffinity(0))  # the backend inherits this process's CPUs; one batch thread gets them all
     assert f"TensorFlow intra-op threads: {cpus} per op ({cpus} CPUs, num_batch_threads 1)" in backend.log()
+    assert "TensorFlow inter-op: each step runs its ops in the calling thread" in backend.log()  # the flag is 0
 
 
 def test_a_full_queue_answers_429_and_resource_exhausted(start_backend: StartBackend, demo_models: Path,

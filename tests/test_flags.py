@@ -31,6 +31,12 @@ def test_equals_and_space_forms_and_bools() -> None:
     assert not spaced_bool.enable_model_warmup
 
 
+def test_inter_op_parallelism_at_or_below_zero_means_the_calling_thread() -> None:
+    """Unlike the other counts, a negative inter-op count is meaningful (ConfigProto: run ops in the caller)."""
+    flags = parse_flags(["--model_base_path=/m", "--tensorflow_inter_op_parallelism=-1"])
+    assert flags.tensorflow_inter_op_parallelism == -1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model_base_path=/m", "--no_such_flag=1"], "unknown flag --no_such_flag"),
     (["--model_base_path=/m", "--grpc_socket_path=/s"], "does not support yet"),
@@ -45,6 +51,7 @@ def test_equals_and_space_forms_and_bools() -> None:
     (["--model_base_path=/m", "stray"], "unexpected argument"),
     (["--model_base_path=/m", "--rest_api_port=70000"], "between 0 and 65535"),
     (["--model_base_path=/m", "--file_system_poll_wait_seconds=-1"], "must not be negative"),
+    (["--model_base_path=/m", "--tensorflow_intra_op_parallelism=-1"], "must not be negative"),
 ])
 def test_bad_command_lines_fail_clearly(argv: list[str], message: str) -> None:
     with pytest.raises(FlagError, match=message):

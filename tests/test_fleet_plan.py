@@ -142,13 +142,13 @@ def test_plan_cpu_workers(cpu_count: int, cpu_replicas: int | None, expected_rep
     for worker in workers:
         assert worker.gpu is None
         assert worker.env == {"CUDA_VISIBLE_DEVICES": "-1"}
-        assert threads(worker) == (expected_intra, "1")
+        assert threads(worker) == (expected_intra, "0")
 
 
 def test_plan_flags() -> None:
     workers = plan([], cpu_count=8, cpu_replicas=3, base_port=9000, extra_flags=["--model_config_file_poll_wait_seconds", "5", "--x=1"])
     assert workers[1].flags == (
-        "--tensorflow_intra_op_parallelism=2", "--tensorflow_inter_op_parallelism=1",
+        "--tensorflow_intra_op_parallelism=2", "--tensorflow_inter_op_parallelism=0",
         "--model_config_file_poll_wait_seconds", "5", "--x=1",
     )
 
