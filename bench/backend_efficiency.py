@@ -20,7 +20,8 @@ backend that refuses --enable_batching at start ("does not support yet") makes (
 that reason. --quick measures fewer parts (batch sizes 1 and 64; 1-row loads only), for tests. Also printed:
 (b)/(d) in requests/s, "gen CPU", the load generator's own share of one core during each row (it shares the 2
 cores), and "server CPU", the server's (all its threads; 200% is both cores), so a row can be read as limited by
-the machine or by waiting.
+the machine or by waiting; "steal", the machine's CPU time its hypervisor gave to other guests during the row (a
+row with more than ~1% is from a noisy moment: its latencies say more about the neighbours than about tfgate).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ COLUMNS = (
     Column("vs (a)", 8, lambda result: number(result.get("vs_in_process"), 3)),
     share_column("gen CPU", "generator_cpu", 9),
     share_column("server CPU", "server_cpu", 12),
+    share_column("steal", "host_steal", 7),
     Column("errors", 8, lambda result: str(result["errors"])),
 )
 

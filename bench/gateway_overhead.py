@@ -22,7 +22,8 @@ after --warmup: 1 in flight (latency) and 32 in flight (throughput). Printed wit
 this run only: gateway requests/s at 32 over nginx's (>= 0.9), and the p50 the gateway adds at 1 in flight over
 direct (<= 0.3 ms); nginx's added p50 is printed beside it for comparison. Reported as met or not, never asserted.
 "gen CPU" is the load generator's own share of one core, "backend CPU" and "proxy CPU" the backend's and the
-gateway's or nginx's (with its worker), averaged over the loop and its warm-up: all share the machine's cores.
+gateway's or nginx's (with its worker), averaged over the loop and its warm-up: all share the machine's cores;
+"steal" is the machine's CPU time its hypervisor gave to other guests meanwhile (above ~1%: a noisy moment).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ COLUMNS = (
     share_column("gen CPU", "generator_cpu"),
     share_column("backend CPU", "backend_cpu"),
     share_column("proxy CPU", "proxy_cpu"),
+    share_column("steal", "host_steal", 7),
     Column("errors", 8, lambda result: str(result["errors"])),
 )
 

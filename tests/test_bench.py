@@ -165,6 +165,8 @@ def test_backend_efficiency_quick_measures_every_part_or_says_why_not(demo_model
     for result in report["results"]:
         assert result["count"] > 0 and result["errors"] == 0, (result["label"], result["first_error"])
         assert set(result["latency_us"]) == PERCENTILE_KEYS
+    served = [result for result in report["results"] if result["part"] != "a"]
+    assert all(0 <= result["host_steal"] <= 1 for result in served)  # Linux: /proc/stat tells
     assert report["ceiling"]["key"] in {"batch_1", "batch_64"}
     assert set(report["ratios"]["c_over_d_requests_per_s"]) == {"rest_1x64"}
     assert out.with_suffix(".png").stat().st_size > 0
@@ -194,6 +196,7 @@ def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo
         assert set(result["latency_us"]) == PERCENTILE_KEYS
         # keep-alive held, through the proxies too; gRPC multiplexes every call on its one channel
         assert result["connections"] == (1 if result["contender"].endswith("grpc") else result["concurrency"])
+        assert 0 <= result["host_steal"] <= 1
     schemes = {result["contender"]: result["url"].partition(":")[0] for result in report["results"]}
     assert schemes["direct"] == "http" and schemes["direct_grpc"] == "grpc" and schemes["gateway_grpc"] == "grpcs"
     assert {schemes[name] for name in contenders if not name.endswith("grpc") and name != "direct"} == {"https"}
