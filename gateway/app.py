@@ -69,6 +69,7 @@ class Gateway:
         self.config_path = config_path
         self.access_log = access_log or AccessLog.to_stdout()
         self.metrics = metrics or GatewayMetrics()
+        self.access_log.on_drop = self.metrics.access_lines_dropped
         self._rng = rng or random.Random()
         self._clock = clock
         self._watch_file = watch_file
@@ -265,5 +266,5 @@ class Gateway:
             await self._admin_server.shutdown(0)
         await self._fleet.stop()
         await self.upstreams.close()
-        self.access_log.flush()
+        await self.access_log.close()
         self._lifecycle.remove()

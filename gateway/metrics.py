@@ -50,7 +50,10 @@ class GatewayMetrics:
         self._rate_limit = LoopCounter("tfgate_gateway_rate_limit_decisions", "Rate-limit decisions by principal "
                                        "(a key or certificate rule's name, \"jwt\" or \"anonymous\"), route and "
                                        "result (allowed or limited).", ["principal", "route", "result"])
-        reg.register(LoopMetrics(self._rate_limit))
+        self._access_dropped = LoopCounter("tfgate_gateway_access_log_dropped_lines", "Access-log lines dropped "
+                                           "because the reader of the gateway's stdout was not keeping up.", [])
+        self._access_dropped.inc((), 0)
+        reg.register(LoopMetrics(self._rate_limit, self._access_dropped))
         self._reloads = Counter("tfgate_gateway_config_reloads", "Config reloads, by result.", ["result"],
                                 registry=reg)
         self._config_ok = Gauge("tfgate_gateway_config_last_reload_successful", "Whether the last reload applied "
@@ -107,6 +110,9 @@ class GatewayMetrics:
 
     def rate_limited(self, *, principal: str, route: str, allowed: bool) -> None:
         self._rate_limit.inc((principal, route, "allowed" if allowed else "limited"))
+
+    def access_lines_dropped(self, lines: int) -> None:
+        self._access_dropped.inc((), lines)
 
     def retried(self, pool: str) -> None:
         self._child(self._retries, pool).inc()

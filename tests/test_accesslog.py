@@ -1,17 +1,26 @@
-"""The JSON access log: lines stay whole when several gateway workers write to one pipe."""
+"""The JSON access log: lines stay whole when several gateway workers write to one pipe, and a reader that stalls
+costs lines, never the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import requests
 
-from bench.backend_process import REPO
-from gateway.accesslog import whole_lines
+from bench.backend_process import REPO, BackendProcess, free_port
+from bench.proxies import GatewayProcess, gateway_config
+from gateway.accesslog import AccessLog, AccessRecord, whole_lines
+from gateway.certs import CertPaths
+from gateway.metrics import GatewayMetrics
+from tests.gateway_support import MODEL
 
 WRITER = """
 import asyncio, os, sys
@@ -24,7 +33,7 @@ async def main() -> None:
                                path="/v1/models/" + "m" * 100 + ":predict"))
         if i % 500 == 0:
             await asyncio.sleep(0.001)
-    log.flush()
+    await log.close()
 
 asyncio.run(main())
 """
@@ -56,3 +65,58 @@ def test_two_writers_on_one_pipe_never_cut_each_others_lines() -> None:
     lines = bytes(received).splitlines()
     ids = [json.loads(line)["request_id"] for line in lines]  # each one whole JSON
     assert len(ids) == len(set(ids)) == 20000
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read()
+
+
+async def test_a_stalled_reader_costs_lines_past_the_limit_never_the_event_loop() -> None:
+    """A log shipper that stops reading fills the pipe: the event loop goes on (it only hands buffers to the
+    writer thread), the lines past `max_pending_bytes` are dropped and counted, and the rest arrive whole, in order,
+    once the reader is back."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "wb")
+    metrics = GatewayMetrics()
+    access = AccessLog(stream, max_pending_bytes=32 * 1024)
+    access.on_drop = metrics.access_lines_dropped
+    total = 3000  # ~140 bytes a line: well past the pipe's 64 KiB and the 32 KiB allowed to wait
+    for i in range(total):
+        access.write(AccessRecord(request_id=f"{i:06d}", method="POST", path="/v1/models/m:predict", peer="p"))
+        if i % 100 == 99:
+            access.flush()
+            await asyncio.sleep(0)  # nothing reads the pipe, and the event loop still turns
+    assert access.dropped_lines > 0
+    exposition = metrics.exposition()[0].decode()
+    assert f"tfgate_gateway_access_log_dropped_lines_total {float(access.dropped_lines)}" in exposition
+    reader = asyncio.create_task(asyncio.to_thread(_read_all, read_end))
+    await asyncio.wait_for(access.close(), 60)  # a generous bound that only catches a writer that never ends
+    stream.close()
+    ids = [json.loads(line)["request_id"] for line in (await reader).splitlines()]
+    assert len(ids) == total - access.dropped_lines and ids == sorted(ids)
+
+
+def test_a_gateway_whose_access_log_nobody_reads_keeps_serving(tmp_path: Path, certs: CertPaths,
+                                                               backends: list[BackendProcess]) -> None:
+    """The real gateway, its stdout a pipe that is open but not read (a stalled log shipper): 1000 requests log
+    several times the pipe's 64 KiB, where a write on the event loop would have blocked it, and every line arrives
+    once the reader is back."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, so the gateway can open the other end; not read
+    document = gateway_config(certs, [f"127.0.0.1:{b.rest_port}" for b in backends], "round_robin", free_port(),
+                              free_port())
+    requests_sent = 1000
+    with GatewayProcess(document, tmp_path, fifo) as gateway, requests.Session() as session:
+        gateway.wait_ready()
+        for _ in range(requests_sent):
+            reply = session.post(f"https://localhost:{gateway.https_port}/v1/models/{MODEL}:predict",
+                                 json={"instances": [2.0]}, verify=str(certs.ca_cert), timeout=10)
+            assert reply.status_code == 200
+        os.set_blocking(reader, True)
+        with ThreadPoolExecutor(1) as pool:
+            received = pool.submit(_read_all, reader)  # the reader is back; the gateway stops and writes the rest
+            gateway.stop()
+            lines = received.result(timeout=60).splitlines()
+    assert len(lines) == requests_sent and all(json.loads(line)["status"] == 200 for line in lines)

@@ -249,7 +249,7 @@ async def test_no_secret_reaches_any_log_line(gateway: Any, certs: CertPaths, pr
             await client.call(headers)
         async with client.session.post(f"http://127.0.0.1:{gw.admin_port}/admin/reload", headers=ADMIN):
             pass
-        gw.access_log.flush()
+        await gw.access_log.drain()
     logged = caplog.text + access.getvalue().decode()
     assert '"principal":"alpha"' in logged  # the access log names who called...
     for secret in (KEY_A, KEY_B, a_token, a_token.split(".")[2], "tfg_wrong-secret", ADMIN_KEY):

@@ -337,7 +337,7 @@ async def test_grpc_calls_are_in_the_metrics_and_the_access_log(start: Any, cert
     with pytest.raises(grpc.aio.AioRpcError):
         await predict(channel, model="no_such_model")
     gateway = start.gateways[-1]
-    gateway.access_log.flush()
+    await gateway.access_log.drain()
     records = [json.loads(line) for line in lines.getvalue().splitlines()]
     assert [(r["protocol"], r["grpc_status"], r["model"]) for r in records] == [
         ("grpc", "OK", MODEL), ("grpc", "NOT_FOUND", "no_such_model")]
@@ -432,7 +432,7 @@ async def test_a_call_past_its_deadline_never_runs_in_the_backend(start: Any, ce
     assert metric(backend, "tfgate_backend_batch_size_rows_count", "hpt") == 1  # ...one batch ran...
     assert metric(backend, "tfgate_backend_batch_size_rows_sum", "hpt") == 1  # ...with the second call's row only
     gateway = start.gateways[-1]
-    gateway.access_log.flush()  # the call gRPC cancelled at its deadline is logged and counted too...
+    await gateway.access_log.drain()  # the call gRPC cancelled at its deadline is logged and counted too...
     first, second = [json.loads(line)["grpc_status"] for line in lines.getvalue().splitlines()]
     # ...as DEADLINE_EXCEEDED, or as CANCELLED when the client's cancel came before the gateway's own deadline did
     assert (first, second) in {("DEADLINE_EXCEEDED", "OK"), ("CANCELLED", "OK")}
