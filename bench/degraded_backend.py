@@ -16,7 +16,8 @@ hidden by a load that slows down with it. Each gateway run has a gateway process
 latency estimates of the run before (the gateway keeps them across config reloads, by design); the balancer in
 force, how many requests each backend answered (warm-up included: "to slow" is the slow one's share) and each one's
 latency estimate at the end come from its admin API. Printed with the issue's target, from this run only:
-(a) p99 / (c) p99 <= 0.5, and (b)'s ratio for comparison. Reported as met or not, never asserted.
+(a) p99 / (c) p99 <= 0.5, and (b)'s ratio for comparison. Reported as met or not, never asserted. "steal" is the
+machine's CPU time its hypervisor gave to other guests during a row (above ~1%: a noisy moment).
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ from bench.backend_process import ServerProcess, demo_backend, free_port
 from bench.load import Load, run_load
 from bench.options import add_loop_options, positive_float
 from bench.plot import pyplot_for
-from bench.proxies import NGINX_MISSING, GatewayProcess, NginxProcess, find_nginx, gateway_config, nginx_version
+from bench.proxies import (
+    NGINX_MISSING,
+    CpuMeter,
+    GatewayProcess,
+    NginxProcess,
+    find_nginx,
+    gateway_config,
+    nginx_version,
+)
 from bench.report import (
     Column,
     environment,
@@ -45,6 +54,7 @@ from bench.report import (
     print_contenders,
     print_errors,
     ratio,
+    share_column,
     verdict,
     write_json,
 )
@@ -63,6 +73,7 @@ COLUMNS = (
     *(latency_column(key, "ms") for key in PERCENTILES),
     Column("to slow", 9, lambda result: "-" if result.get("slow_share") is None else f"{result['slow_share']:.1%}"),
     Column("gen CPU", 9, lambda result: f"{result['generator_cpu']:.0%}"),
+    share_column("steal", "host_steal", 7),
     Column("unsent", 8, lambda result: str(result.get("unsent", "-"))),
     Column("errors", 8, lambda result: str(result["errors"])),
 )
@@ -140,7 +151,9 @@ def _delay_proxy(backend: ServerProcess, delay_ms: float, log: Path) -> ServerPr
 def _run(contender: str, server: ServerProcess, certs: CertPaths, load: Load) -> dict[str, Any]:
     label = f"{CONTENDERS[contender]}, {load.describe()}"
     target = rest_predict(server.url, MODEL, VERSION, np.array(INSTANCES, np.float32), cacert=certs.ca_cert)
-    return {"contender": contender, "label": label, **run_load(target, load, label)}
+    with CpuMeter({}) as cpu:  # the machine's steal only
+        summary = run_load(target, load, label)
+    return {"contender": contender, "label": label, **summary, **cpu.shares}
 
 
 def _gateway_run(contender: str, gateway: GatewayProcess, certs: CertPaths, load: Load,

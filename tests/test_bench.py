@@ -231,7 +231,7 @@ def test_degraded_backend_runs_capacity_then_each_balancer_and_nginx_or_says_why
         assert (result["mode"], result["rate"], result["concurrency"]) == ("open", report["rate"], 64)
     for result in report["results"]:
         assert result["count"] > 0 and result["errors"] == 0, (result["label"], result["first_error"])
-        assert set(result["latency_us"]) == PERCENTILE_KEYS
+        assert set(result["latency_us"]) == PERCENTILE_KEYS and 0 <= result["host_steal"] <= 1
     assert report["delays_ms"] == [20, 0] and report["slow_backend"] == report["backends"][0]
     for result in report["results"][:3]:  # through the gateway: what its admin API said
         assert result["balancer"] == ("round_robin" if result["contender"] == "capacity" else result["contender"])
