@@ -2,8 +2,9 @@
 
 Each call resolves its `ModelSpec` (name, and version or version_label) on the event loop, then decodes tensors,
 runs the model and encodes the answer within the client's deadline (a call whose deadline passed while it waited is
-not run): the model on the inference executor, decoding and encoding there too when they are big (runners.py). Errors become the gRPC status TF Serving returns; an unexpected
-exception is logged and reaches the client as INTERNAL without its stack.
+not run): the model on the inference executor, decoding and encoding there too when they are big (runners.py).
+Errors become the gRPC status TF Serving returns; an unexpected exception is logged and reaches the client as
+INTERNAL without its stack.
 """
 
 from __future__ import annotations

@@ -128,7 +128,8 @@ def _configure_tensorflow(flags: ServerFlags, batching: BatchingParameters | Non
         log.info("TensorFlow inter-op: each step runs its ops in the calling thread "
                  "(--tensorflow_inter_op_parallelism=N > 0 gives it a pool of N threads)")
     tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    tf.config.threading.set_inter_op_parallelism_threads(max(config.inter_op_parallelism_threads, 0))  # eager: a pool
+    # Eager ops, if any run, have no caller-thread mode: at 0 they keep TensorFlow's own pool.
+    tf.config.threading.set_inter_op_parallelism_threads(max(config.inter_op_parallelism_threads, 0))
     return config
 
 
