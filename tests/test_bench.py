@@ -179,7 +179,7 @@ def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo
     out = tmp_path / "gateway-overhead.json"
     # "missing" names an nginx that is not there, so the skip is tested also where nginx is installed.
     extra = ("--nginx", str(tmp_path / "no-nginx")) if nginx == "missing" else ()
-    printed, report = run_bench("gateway-overhead", out, "0.5", *extra)
+    printed, report = run_bench("gateway-overhead", out, "0.5", "--rounds", "2", *extra)
     contenders = {result["contender"] for result in report["results"]}
     if "nginx" in report["skipped"]:  # nginx not installed here, or "missing"
         assert contenders == {"direct", "gateway", "gateway_auth", "gateway_2", "direct_grpc", "gateway_grpc"}
@@ -205,9 +205,18 @@ def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo
     assert {"ratio", "target", "met"} <= set(report["targets"]["throughput"])
     assert {"gateway_added_ms", "nginx_added_ms", "target_ms", "met"} <= set(report["targets"]["added_p50"])
     assert report["targets"]["added_p50"]["met"] in (True, False)
+    # the targets' interleaved rounds (2 here): both loops on direct, the gateway and nginx (when found) in each
+    interleaved = {"direct", "gateway"} | ({"nginx"} & contenders)
+    assert [set(figures) for figures in report["rounds"]] == [{f"{name}_{n}" for name in interleaved
+                                                               for n in (1, 32)}] * 2
+    assert all(figure["errors"] == 0 and figure["requests_per_s"] > 0 for figures in report["rounds"]
+               for figure in figures.values())
+    added = report["targets"]["added_p50"]
+    assert len(added["gateway_rounds_ms"]) == 2 and added["gateway_added_ms"] is not None
+    assert len(report["targets"]["throughput"]["rounds"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "gateway throughput / nginx throughput at 32 = " in printed
-    assert "gateway added p50 at 1 connection = gateway p50 - direct p50 = " in printed
+    assert "gateway throughput / nginx throughput at 32, median of 2 interleaved rounds = " in printed
+    assert "gateway added p50 at 1 connection = gateway p50 - direct p50, median of 2 interleaved rounds = " in printed
     assert report["targets"]["workers"]["two_over_one"] > 0 and "2 gateway workers / 1: throughput at 32 = " in printed
     assert report["targets"]["auth"]["throughput_ratio"] is not None  # (d): every request was authenticated
     assert "auth + rate limits on / off: throughput at 32 = " in printed
