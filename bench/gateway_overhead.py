@@ -259,8 +259,8 @@ def _targets(results: list[dict[str, Any]], rounds: list[dict[str, dict[str, Any
     gateway_rps, nginx_rps = (_round_figure(name, THROUGHPUT_CONCURRENCY, "requests_per_s")
                               for name in ("gateway", "nginx"))
     throughput = _median_of_rounds(rounds, lambda figures: ratio(gateway_rps(figures), nginx_rps(figures)))
-    gateway_added, nginx_added = _median_of_rounds(rounds, _added_in_round("gateway")), \
-        _median_of_rounds(rounds, _added_in_round("nginx"))
+    gateway_added = _median_of_rounds(rounds, _added_in_round("gateway"))
+    nginx_added = _median_of_rounds(rounds, _added_in_round("nginx"))
     with_auth, without_auth = p50_ms("gateway_auth"), p50_ms("gateway")
     auth_added = None if with_auth is None or without_auth is None else with_auth - without_auth
     return {
