@@ -158,9 +158,8 @@ def run(args: argparse.Namespace) -> int:
         "environment": environment(), **document, "results": results, "rounds": rounds, "skipped": skipped,
         "targets": targets})
     _plot(args.out.with_suffix(".png"), results)
-    _print_report(args, results, skipped, targets)
-    failed = any(result["errors"] for result in results) or any(f["errors"] for r in rounds for f in r.values())
-    return 1 if failed else 0
+    _print_report(args, results, rounds, skipped, targets)
+    return 1 if any(result["errors"] for result in [*results, *_round_figures(rounds)]) else 0
 
 
 def _rest(server: ServerProcess, certs: CertPaths | None, headers: tuple[tuple[str, str], ...] = ()) -> Target:
@@ -191,8 +190,8 @@ def _measure(contender: str, server: ServerProcess, target: Target, backend: Ser
 
 
 def _rounds(targets: Mapping[str, Target], args: argparse.Namespace) -> list[dict[str, dict[str, Any]]]:
-    """Per round, `{"<contender>_<concurrency>": {requests_per_s, p50_ms, host_steal, errors}}`: both loops on each
-    contender in turn, --seconds / --rounds each."""
+    """Per round, `{"<contender>_<concurrency>": {label, requests_per_s, p50_ms, host_steal, errors, first_error}}`:
+    both loops on each contender in turn, --seconds / --rounds each."""
     seconds = args.seconds / args.rounds
     rounds = []
     for index in range(1, args.rounds + 1):
@@ -204,8 +203,9 @@ def _rounds(targets: Mapping[str, Target], args: argparse.Namespace) -> list[dic
                     summary = run_load(target, Load(concurrency, None, seconds, min(args.warmup, seconds)), label)
                 p50_us = summary["latency_us"]["p50"]
                 figures[f"{contender}_{concurrency}"] = {
-                    "requests_per_s": summary["requests_per_s"], "p50_ms": None if p50_us is None else p50_us / 1e3,
-                    "host_steal": cpu.shares["host_steal"], "errors": summary["errors"]}
+                    "label": label, "requests_per_s": summary["requests_per_s"],
+                    "p50_ms": None if p50_us is None else p50_us / 1e3, "host_steal": cpu.shares["host_steal"],
+                    "errors": summary["errors"], "first_error": summary["first_error"]}
         rounds.append(figures)
     return rounds
 
@@ -218,22 +218,14 @@ def _median_of_rounds(rounds: list[dict[str, dict[str, Any]]],
     return {"rounds": values, "median": statistics.median(known) if known else None}
 
 
-def _round_figure(contender: str, concurrency: int, key: str) -> Callable[[dict[str, dict[str, Any]]], float | None]:
-    def figure(figures: dict[str, dict[str, Any]]) -> float | None:
-        found = figures.get(f"{contender}_{concurrency}")
-        return None if found is None else found[key]
-
-    return figure
+def _in_round(figures: dict[str, dict[str, Any]], contender: str, concurrency: int, key: str) -> float | None:
+    found = figures.get(f"{contender}_{concurrency}")
+    return None if found is None else found[key]
 
 
-def _added_in_round(contender: str) -> Callable[[dict[str, dict[str, Any]]], float | None]:
-    proxied, direct = (_round_figure(name, LATENCY_CONCURRENCY, "p50_ms") for name in (contender, "direct"))
-
-    def figure(figures: dict[str, dict[str, Any]]) -> float | None:
-        a, b = proxied(figures), direct(figures)
-        return None if a is None or b is None else a - b
-
-    return figure
+def _added_in_round(figures: dict[str, dict[str, Any]], contender: str) -> float | None:
+    proxied, direct = (_in_round(figures, name, LATENCY_CONCURRENCY, "p50_ms") for name in (contender, "direct"))
+    return None if proxied is None or direct is None else proxied - direct
 
 
 def _find(results: list[dict[str, Any]], contender: str, concurrency: int) -> dict[str, Any] | None:
@@ -256,11 +248,10 @@ def _targets(results: list[dict[str, Any]], rounds: list[dict[str, dict[str, Any
         proxied, direct = p50_ms(contender), p50_ms(baseline)
         return None if proxied is None or direct is None else proxied - direct
 
-    gateway_rps, nginx_rps = (_round_figure(name, THROUGHPUT_CONCURRENCY, "requests_per_s")
-                              for name in ("gateway", "nginx"))
-    throughput = _median_of_rounds(rounds, lambda figures: ratio(gateway_rps(figures), nginx_rps(figures)))
-    gateway_added = _median_of_rounds(rounds, _added_in_round("gateway"))
-    nginx_added = _median_of_rounds(rounds, _added_in_round("nginx"))
+    throughput = _median_of_rounds(rounds, lambda figures: ratio(
+        *(_in_round(figures, name, THROUGHPUT_CONCURRENCY, "requests_per_s") for name in ("gateway", "nginx"))))
+    gateway_added = _median_of_rounds(rounds, lambda figures: _added_in_round(figures, "gateway"))
+    nginx_added = _median_of_rounds(rounds, lambda figures: _added_in_round(figures, "nginx"))
     with_auth, without_auth = p50_ms("gateway_auth"), p50_ms("gateway")
     auth_added = None if with_auth is None or without_auth is None else with_auth - without_auth
     return {
@@ -290,8 +281,8 @@ def _plot(path: Path, results: list[dict[str, Any]]) -> None:
                  "requests_per_s", "requests/s", lambda result: f"x {result['concurrency']}")
 
 
-def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipped: dict[str, str],
-                  targets: dict[str, Any]) -> None:
+def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], rounds: list[dict[str, dict[str, Any]]],
+                  skipped: dict[str, str], targets: dict[str, Any]) -> None:
     print(f"\ngateway-overhead: {MODEL} v{VERSION} predict {{\"instances\": {INSTANCES}}}, {args.seconds:g} s per "
           f"row after {args.warmup:g} s warm-up; closed loops, one keep-alive connection per request in flight; "
           f"latency in ms; CPU in shares of one core")
@@ -316,8 +307,12 @@ def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipp
     print(f"gRPC at {throughput['concurrency']}: gateway / direct = {number(grpc['gateway_over_direct'], 3)}, "
           f"gateway / nginx = {number(grpc['gateway_over_nginx'], 3)}; p50 added at {added['concurrency']}: gateway "
           f"{number(grpc['gateway_added_p50_ms'], 3)} ms, nginx {number(grpc['nginx_added_p50_ms'], 3)} ms")
-    print_errors((result["label"], result) for result in results)
+    print_errors((result["label"], result) for result in [*results, *_round_figures(rounds)])
     print(f"results: {args.out}", file=sys.stderr)
+
+
+def _round_figures(rounds: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [figure for figures in rounds for figure in figures.values()]
 
 
 def _figures(values: list[float | None]) -> str:
