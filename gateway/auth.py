@@ -69,7 +69,7 @@ class Principal:
     expires_at: float | None = None  # JWT exp
 
     def allows(self, model: str, method: str) -> bool:
-        return method in self.methods and any(fnmatchcase(model, glob) for glob in self.models)
+        return method in self.methods and ("*" in self.models or any(fnmatchcase(model, glob) for glob in self.models))
 
 
 ANONYMOUS = Principal("anonymous", "anonymous", ("*",), ALL_METHODS, None, _NO_RATES, "anonymous")

@@ -137,7 +137,7 @@ class GrpcEdge(grpc.GenericRpcHandler):
         record = AccessRecord(request_id=metadata.get("x-request-id") or self._ids.next(), method="POST",
                               path=method, peer=context.peer(), bytes_in=len(request), protocol="grpc")
         attempts = Attempts()
-        with self._metrics.in_flight():
+        with self._metrics.in_flight:
             try:
                 answer = await self._forward(snapshot, method, kind, request, context, metadata, record, attempts)
             except errors.GatewayError as error:

@@ -39,6 +39,8 @@ _MODEL_URL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d
 # The method a URL calls, as auth grants name them, by what follows the model (and version or label) in the URL.
 _METHODS = {"predict": "predict", "classify": "classify", "regress": "regress", "metadata": "metadata", "": "status"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Paths `quote(path, safe="/:")` would leave as they are: most, so the call is skipped for them.
+_QUOTED_AS_IS = re.compile(r"[A-Za-z0-9_.~/:-]*")
 # Not forwarded: hop-by-hop headers (RFC 9110 7.6.1), ones the gateway sets itself, and client credentials.
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
                             "upgrade", "host", "content-length", "expect", "authorization", "x-api-key", "cookie",
@@ -84,7 +86,7 @@ class Edge:
                               method=request.method, path=request.path, peer=request.peer,
                               bytes_in=len(request.body))
         attempts = Attempts()
-        with self._metrics.in_flight():
+        with self._metrics.in_flight:
             try:
                 response = await self._forward(snapshot, request, record, attempts)
             except errors.GatewayError as error:
@@ -138,11 +140,10 @@ class Edge:
                                                  request.body, deadline, attempts)
         content_type = "application/json"
         returned = []
-        for key, value in upstream.headers:
-            lowered = key.lower()
-            if lowered == b"content-type":
+        for key, value in upstream.headers:  # names in lower case (gateway/upstream_http.py)
+            if key == b"content-type":
                 content_type = value.decode("latin-1")
-            elif lowered not in _NOT_RETURNED:
+            elif key not in _NOT_RETURNED:
                 returned.append((key.decode("latin-1"), value.decode("latin-1")))
         returned.extend(limit_headers)
         return HttpResponse(status=upstream.status, body=upstream.body, content_type=content_type, headers=returned)
@@ -157,5 +158,6 @@ def _upstream_path(request: HttpRequest, match: re.Match[str], decision: RouteDe
     if tail.startswith(":") and not explicit and (decision.version is not None or decision.label is not None):
         chosen = f"/versions/{decision.version}" if decision.version is not None else f"/labels/{decision.label}"
         path = f"/v1/models/{match['name']}{chosen}{tail}"
-    path = quote(path, safe="/:")  # the server handed us the decoded path
+    if not _QUOTED_AS_IS.fullmatch(path):
+        path = quote(path, safe="/:")  # the server handed us the decoded path
     return f"{path}?{request.query}" if request.query else path

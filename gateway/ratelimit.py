@@ -285,12 +285,16 @@ class RateLimiter:
         now: float,
     ) -> Decision:
         """Admit the request and take one token from every applicable bucket, or refuse it and take none."""
-        wanted: tuple[tuple[_Key, RateLike | None], ...] = (
-            (("principal", principal, ""), principal_rate if principal_rate is not None else self._limits.default),
-            (("principal_model", principal, model), model_rates.get(model)),
-            (("model", "", model), self._limits.models.get(model)),
-        )
+        own = principal_rate if principal_rate is not None else self._limits.default
+        own_for_model, model_cap = model_rates.get(model), self._limits.models.get(model)
         shared = self._shared
+        if own is None and own_for_model is None and model_cap is None and shared is None and not self._store:
+            return _NO_LIMIT  # no rate applies and no bucket is left to drop: a gateway without limits
+        wanted: tuple[tuple[_Key, RateLike | None], ...] = (
+            (("principal", principal, ""), own),
+            (("principal_model", principal, model), own_for_model),
+            (("model", "", model), model_cap),
+        )
         if shared is None:
             return self._check(self._store, wanted, now)
         with shared.lock:

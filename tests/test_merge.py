@@ -86,7 +86,7 @@ def gateway() -> list[str]:
     second.reloaded(False)
     with ExitStack() as stack:
         for metrics in (first, second, second):
-            stack.enter_context(metrics.in_flight())
+            stack.enter_context(metrics.in_flight)
         return [metrics.exposition()[0].decode() for metrics in (first, second)]
 
 
