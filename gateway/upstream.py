@@ -179,8 +179,8 @@ class Upstreams:
                       body: bytes, deadline: float, attempts: Attempts) -> UpstreamResponse:
         """Send the HTTP request to a backend of `pool`, retrying as the module docstring says. A backend's own
         502/503 is returned as it is when no retry follows it."""
-        async def send(backend: BackendRuntime, remaining_s: float) -> UpstreamResponse:
-            return await backend.http.request(method, path, [*headers, ("host", backend.name)], body, remaining_s)
+        def send(backend: BackendRuntime, remaining_s: float) -> Awaitable[UpstreamResponse]:
+            return backend.http.request(method, path, [*headers, ("host", backend.name)], body, remaining_s)
 
         return await self.forward_with(pool, send, _backend_failed, deadline, attempts)
 

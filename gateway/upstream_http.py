@@ -103,10 +103,11 @@ class HttpPool:
         Transfer-Encoding or Connection. Raises UpstreamError."""
         payload = _encode(method, path, headers, body)
         head = method == "HEAD"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         connection = self._take_idle()
         reused = connection is not None
+        # An idle connection knows the loop: asking asyncio costs a getpid() system call (its fork check).
+        loop = connection.loop if connection is not None else asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         while True:
             if connection is None:
                 connection = await self._connect(loop, deadline)
