@@ -193,7 +193,7 @@ class _Writer:
                 self._changed.notify_all()
 
 
-def whole_lines(buffer: bytearray, limit: int) -> Iterator[bytes]:
+def whole_lines(buffer: bytes, limit: int) -> Iterator[bytes]:
     """`buffer` (newline-terminated lines) in pieces of whole lines of at most `limit` bytes each; a line longer
     than `limit` is a piece of its own."""
     start = 0
@@ -204,5 +204,5 @@ def whole_lines(buffer: bytearray, limit: int) -> Iterator[bytes]:
             if cut < 0:  # a line longer than the limit
                 cut = buffer.find(b"\n", end)
             end = len(buffer) if cut < 0 else cut + 1
-        yield bytes(buffer[start:end])
+        yield buffer[start:end]
         start = end

@@ -47,7 +47,7 @@ asyncio.run(main())
     (b"", 4, []),
 ])
 def test_the_buffer_goes_out_in_whole_lines_within_the_limit(buffer: bytes, limit: int, pieces: list[bytes]) -> None:
-    assert list(whole_lines(bytearray(buffer), limit)) == pieces
+    assert list(whole_lines(buffer, limit)) == pieces
 
 
 def test_two_writers_on_one_pipe_never_cut_each_others_lines() -> None:
