@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -35,7 +34,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 
-from backend.loop_metrics import Labels, LoopCounter, LoopGauge, LoopHistogram, LoopMetrics
+from backend.loop_metrics import GaugeCount, Labels, LoopCounter, LoopGauge, LoopHistogram, LoopMetrics
 
 ENTRYPOINTS = ("REST", "GRPC")
 
@@ -116,6 +115,7 @@ class BackendMetrics:
         self._paths: dict[str, set[str]] = {}  # model -> version directories seen, for forget_model
         self._paths_lock = threading.Lock()  # loads are observed on executor threads
         self._request_labels: dict[tuple[str, int | None, str, str, str], _RequestLabels] = {}
+        self._in_flight_counts = {entrypoint: GaugeCount(self._in_flight, (entrypoint,)) for entrypoint in ENTRYPOINTS}
         for entrypoint in ENTRYPOINTS:  # exported at 0 from the start: alerts see 0, not no data
             self._in_flight.set((entrypoint,), 0)
 
@@ -136,15 +136,10 @@ class BackendMetrics:
         if labels.tf_latency is not None:
             self._tf_request_latency.observe(labels.tf_latency, seconds * _MICROS_PER_SECOND)
 
-    @contextmanager
-    def in_flight(self, entrypoint: str) -> Iterator[None]:
-        """Counts a request as in flight until the block exits, however it exits."""
-        labels = (entrypoint,)
-        self._in_flight.add(labels, 1)
-        try:
-            yield
-        finally:
-            self._in_flight.add(labels, -1)
+    def in_flight(self, entrypoint: str) -> GaugeCount:
+        """`with metrics.in_flight(entrypoint):` counts a request as in flight until the block exits, however it
+        exits."""
+        return self._in_flight_counts[entrypoint]
 
     def observe_load(self, *, model: str, version: int, path: str, seconds: float, ok: bool) -> None:
         """One attempt to load `version` of `model` from `path`, its directory; a retry is another attempt."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
@@ -44,6 +44,13 @@ class TensorSpec:
 
     dtype: tf.DType
     shape: tuple[int, ...] | None
+    # The NumPy dtype when the tensor holds numbers (not strings, bools or bfloat16), else None: asked on every
+    # REST predict, so worked out once here.
+    numeric: np.dtype | None = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        as_numpy = None if self.dtype == tf.string else np.dtype(self.dtype.as_numpy_dtype)
+        object.__setattr__(self, "numeric", as_numpy if as_numpy is not None and as_numpy.kind in "fiu" else None)
 
     @classmethod
     def from_proto(cls, info: meta_graph_pb2.TensorInfo) -> TensorSpec:

@@ -144,10 +144,7 @@ def single_numeric_input(inputs: Mapping[str, TensorSpec]) -> tuple[str, np.dtyp
     if len(inputs) != 1:
         return None
     ((name, spec),) = inputs.items()
-    if spec.dtype == tf.string:
-        return None
-    np_dtype = np.dtype(spec.dtype.as_numpy_dtype)
-    return (name, np_dtype) if np_dtype.kind in "fiu" else None
+    return None if spec.numeric is None else (name, spec.numeric)
 
 
 def numeric_array(raw: np.ndarray, np_dtype: np.dtype, name: str) -> np.ndarray:
@@ -207,6 +204,12 @@ def decode_b64(text: Any, name: str) -> bytes:
 
 def predict_response(outputs: Mapping[str, np.ndarray], row_format: bool) -> bytes:
     """The JSON body of a predict response, in the format of the request."""
+    if len(outputs) == 1:  # the common answer, one finite number tensor, without the general path's steps
+        (array,) = outputs.values()
+        kind = array.dtype.kind
+        if (kind in "iu" or (kind == "f" and array.dtype.itemsize >= 4 and not _needs_slow_path(array))) and (
+                array.ndim or not row_format):
+            return encode_json({"predictions" if row_format else "outputs": array})
     values = {name: _output_value(name, array) for name, array in outputs.items()}
     if row_format:
         document: dict[str, Any] = {"predictions": _rows(values, outputs)}

@@ -6,35 +6,17 @@ Children are cached per label set, since `labels()` takes a lock and builds a ke
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from backend.loop_metrics import LoopCounter, LoopGauge, LoopHistogram, LoopMetrics
+from backend.loop_metrics import GaugeCount, LoopCounter, LoopGauge, LoopHistogram, LoopMetrics
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UpstreamState = Literal["healthy", "unhealthy", "ejected"]
 STATES: tuple[UpstreamState, ...] = ("healthy", "unhealthy", "ejected")
 WorkerState = Literal["starting", "ready", "backoff", "failed", "stopped"]  # a fleet worker's (gateway/fleet.py)
 WORKER_STATES: tuple[WorkerState, ...] = ("starting", "ready", "backoff", "failed", "stopped")
-
-
-class InFlight:
-    """`with metrics.in_flight:` counts a request while it is answered. A plain class, made once: a
-    `contextlib.contextmanager` costs a generator and four calls per request."""
-
-    __slots__ = ("_gauge",)
-
-    def __init__(self, gauge: LoopGauge) -> None:
-        self._gauge = gauge
-
-    def __enter__(self) -> None:
-        self._gauge.add((), 1)
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self._gauge.add((), -1)
 
 
 class GatewayMetrics:
@@ -52,7 +34,7 @@ class GatewayMetrics:
                                                 "at a backend.", ["pool", "upstream"], _LATENCY_BUCKETS)
         self._in_flight = LoopGauge("tfgate_gateway_requests_in_flight", "Requests being answered.", [])
         self._in_flight.set((), 0)
-        self.in_flight = InFlight(self._in_flight)
+        self.in_flight = GaugeCount(self._in_flight)  # `with metrics.in_flight:`
         reg.register(LoopMetrics(self._requests, self._duration, self._upstream_duration, self._in_flight))
         self._state = Gauge("tfgate_gateway_upstream_state", "1 for the state each backend is in.",
                             ["pool", "upstream", "state"], registry=reg)
