@@ -3,9 +3,10 @@ running and joined to their pool only while ready.
 
 How it works: `start()` detects GPUs and plans the workers (gateway/fleet_plan.py); each worker gets a slot with one
 task that keeps it running:
-- start `python -m backend` on a free port pair with the worker's environment (`CUDA_VISIBLE_DEVICES` pins it to
-  its GPU), in its own session so a terminal's Ctrl-C reaches only the gateway, and with a parent-death signal so
-  it cannot outlive a gateway that was killed; its stdout and stderr go to a rotated log file;
+- start `python -m backend` on a free port pair (skipping one whose port another program holds) with the worker's
+  environment (`CUDA_VISIBLE_DEVICES` pins it to its GPU), in its own session so a terminal's Ctrl-C reaches only
+  the gateway, and with a parent-death signal so it cannot outlive a gateway that was killed; its stdout and stderr
+  go to a rotated log file;
 - poll its readiness path until it answers 200 (it exits, or `ready_timeout_s` passes: a crash); once ready, the
   worker joins the pool (`on_change` makes the gateway build a new snapshot from `backends()`; where that happens
   later, in other processes, it returns a future of when it has: a process leaving waits for that before its stop);
@@ -30,6 +31,7 @@ import logging.handlers
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -47,6 +49,7 @@ from gateway.upstream_http import HttpPool, UpstreamError
 log = logging.getLogger("tfgate.fleet")
 
 HOST = "127.0.0.1"
+_PAIRS_PROBED = 8  # pairs tried when ports are in use; past them the worker starts anyway, and its exit is reported
 _POLL_S = 0.2
 _LEAVE_TIMEOUT_S = 10.0
 _PROBE_TIMEOUT_S = 2.0
@@ -308,6 +311,16 @@ class Fleet:
                 for port in (p.rest.port, p.grpc.port)}  # ports, not pair numbers: base_port may have changed
         taken = {k for k in range(2 * len(self._slots) + 2) if used.intersection(port_pair(self.config.base_port, k))}
         pair = free_pair(slot.worker.index, taken)
+        for _ in range(_PAIRS_PROBED):
+            busy = [port for port in port_pair(self.config.base_port, pair) if not _bindable(port)]
+            if not busy:
+                break
+            # Held by another program (or a connection's local end: base_port may lie in the system's ephemeral
+            # range): the worker would exit at its bind and crash-loop on the same pair, so take another.
+            log.warning("fleet: port %s is in use by another program; worker %d takes the next free pair",
+                        " and ".join(map(str, busy)), slot.worker.index)
+            taken.add(pair)
+            pair = free_pair(slot.worker.index, taken)
         grpc_port, rest_port = port_pair(self.config.base_port, pair)
         command = [sys.executable, "-m", "backend", *port_flags(self.config.base_port, pair), f"--bind_address={HOST}",
                    *self._file_flags(), *slot.worker.flags]
@@ -482,3 +495,14 @@ class FleetSection:
     async def stop(self) -> None:
         if self.fleet is not None:
             await self.fleet.stop()
+
+
+def _bindable(port: int) -> bool:
+    """Whether a listener could bind HOST:port now, as the backend's do (with SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True

@@ -203,6 +203,22 @@ def test_a_killed_worker_restarts_and_rejoins_with_no_failed_request(
     assert 'tfgate_fleet_worker_state{pool="backends",state="ready",worker="0"} 1.0' in metrics
 
 
+def test_a_port_another_program_holds_is_skipped(start_fleet: Callable[..., GatewayProcess],
+                                                 certs: CertPaths) -> None:
+    base = free_port_range(12)
+    with socket.socket() as holder:  # worker 0's own REST port, as a stray listener (or a connection's end) holds it
+        holder.bind((HOST, base + 1))
+        holder.listen()
+        gateway = start_fleet({"base_port": base})
+        workers = gateway.fleet()
+        assert [(w["state"], w["restarts"]) for w in workers] == [("ready", 0)] * 2, workers
+        assert f"{HOST}:{base + 1}" not in {w["rest"] for w in workers}
+        response = requests.post(f"https://localhost:{gateway.https_port}{PREDICT}", json={"instances": [2.0]},
+                                 verify=str(certs.ca_cert), timeout=10)
+        assert response.status_code == 200 and response.json() == {"predictions": [4.0]}
+    assert f"port {base + 1} is in use by another program; worker 0 takes the next free pair" in gateway.log_tail()
+
+
 def test_a_crash_loop_is_given_up_and_reported(start_fleet: Callable[..., GatewayProcess], tmp_path: Path,
                                                certs: CertPaths) -> None:
     broken = tmp_path / "broken.config"
