@@ -204,11 +204,9 @@ def decode_b64(text: Any, name: str) -> bytes:
 
 def predict_response(outputs: Mapping[str, np.ndarray], row_format: bool) -> bytes:
     """The JSON body of a predict response, in the format of the request."""
-    if len(outputs) == 1:  # the common answer, one finite number tensor, without the general path's steps
+    if len(outputs) == 1:  # the common answer, one tensor orjson writes as it is: the general path's steps do nothing
         (array,) = outputs.values()
-        kind = array.dtype.kind
-        if (kind in "iu" or (kind == "f" and array.dtype.itemsize >= 4 and not _needs_slow_path(array))) and (
-                array.ndim or not row_format):
+        if _written_as_is(array) and (array.ndim or not row_format):
             return encode_json({"predictions" if row_format else "outputs": array})
     values = {name: _output_value(name, array) for name, array in outputs.items()}
     if row_format:
@@ -255,6 +253,12 @@ def _bytes_json(item: bytes, as_b64: bool) -> Any:
         except UnicodeDecodeError:
             pass  # not text: send it the only lossless way JSON can carry bytes
     return {"b64": base64.b64encode(item).decode()}
+
+
+def _written_as_is(array: np.ndarray) -> bool:
+    """Numbers orjson writes as TF Serving does, with no conversion: integers, and finite float32 or float64."""
+    kind = array.dtype.kind
+    return kind in "iu" or (kind == "f" and array.dtype.itemsize >= 4 and not _needs_slow_path(array))
 
 
 def _needs_slow_path(array: np.ndarray) -> bool:
