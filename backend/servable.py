@@ -11,7 +11,9 @@ threads at once. Metadata always comes from the SignatureDefs as written, so it 
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -26,6 +28,8 @@ from tensorflow.python.util import deprecation
 
 from backend import errors
 from backend.batching_config import BatchingParameters
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SIGNATURE = "serving_default"
 # A TF2 SavedModel's initializer, written as a SignatureDef of an op: listed in metadata (as TF Serving does), never
@@ -158,7 +162,7 @@ def _load_into_session(path: Path, tags: Sequence[str], meta_graph: meta_graph_p
     except Exception as error:  # TF raises many types while loading; all mean "this version cannot load"
         session.close()
         raise errors.Internal(f"Failed to load SavedModel {path}: {error}") from error
-    return {key: _session_runner(session, definition) for key, definition in meta_graph.signature_def.items()
+    return {key: _session_runner(session, key, definition) for key, definition in meta_graph.signature_def.items()
             if key != INIT_OP_SIGNATURE_KEY}
 
 
@@ -167,12 +171,12 @@ def _load_into_session(path: Path, tags: Sequence[str], meta_graph: meta_graph_p
 _STEPS_PER_SIGNATURE = 64
 
 
-def _session_runner(session: tf.compat.v1.Session, definition: meta_graph_pb2.SignatureDef) -> Runner:
+def _session_runner(session: tf.compat.v1.Session, key: str, definition: meta_graph_pb2.SignatureDef) -> Runner:
     input_names = {key: info.name for key, info in definition.inputs.items()}
     output_names = {key: info.name for key, info in definition.outputs.items()}
 
     @lru_cache(maxsize=_STEPS_PER_SIGNATURE)
-    def step(feeds: tuple[str, ...], fetches: tuple[str, ...]) -> Callable[..., list[np.ndarray]]:
+    def make_step(feeds: tuple[str, ...], fetches: tuple[str, ...]) -> Callable[..., list[np.ndarray]]:
         # Session::MakeCallable: the step is pruned and placed once, and each call only passes tensors. The public
         # make_callable with feeds falls back to Session.run, whose feed and fetch handling costs more per call than
         # this whole model at batch 1 (~0.4 ms of Python; measured on the demo MLP).
@@ -180,10 +184,27 @@ def _session_runner(session: tf.compat.v1.Session, definition: meta_graph_pb2.Si
                                              fetch=[output_names[key] for key in fetches])
         return session._make_callable_from_options(options)
 
+    # Making a step takes tens of milliseconds (the demo MLP's first call: 68 ms, later ones 1-2). One lock, so
+    # batch threads that miss together make it once instead of each making its own.
+    lock = threading.Lock()
+
+    def step(feeds: tuple[str, ...], fetches: tuple[str, ...]) -> Callable[..., list[np.ndarray]]:
+        with lock:
+            return make_step(feeds, fetches)
+
     def run(inputs: Mapping[str, np.ndarray], output_keys: Sequence[str]) -> dict[str, np.ndarray]:
         with _tf_errors_as_serving_errors():
             values = step(tuple(inputs), tuple(output_keys))(*inputs.values())
         return dict(zip(output_keys, values))
+
+    # Made while the version loads, not by its first request: the step most calls use, every input and every output
+    # in the SignatureDef's order (what a request without output_filter asks for). A signature whose step cannot be
+    # made still loads; a request to it reports why.
+    try:
+        step(tuple(input_names), tuple(output_names))
+    except tf.errors.OpError as error:
+        log.warning("signature %r: its step could not be made at load time: %s", key,
+                    _client_message(error.message))
     return run
 
 
