@@ -14,8 +14,10 @@ batching, against a hand-written Keras server, all on the demo `mlp` (784→1024
       target       batch's compute time": an open loop of 1-row REST requests to the batching backend at half the
                    requests/s (b) measured for "REST, 1 row x 64" in this run; one batch's compute is the (a) p50
                    at the batch size closest to max_batch_size. Reported as met or not, never asserted
-Loads but (f)'s are closed loops from bench.load (REST: one keep-alive connection per request in flight; gRPC:
-one channel), each --seconds after --warmup; servers run one at a time on loopback and are always stopped. A
+Loads but (f)'s are closed loops, each --seconds after --warmup: REST from bench.load (one keep-alive connection per
+request in flight), gRPC on one channel from h2load where it is installed (--grpc-generator; bench/h2load.py says
+why: the official client on grpc.aio costs ~30% of a core and caps what the server shows), else from bench.load;
+the "generator" column says which. Servers run one at a time on loopback and are always stopped. A
 backend that refuses --enable_batching at start ("does not support yet") makes (b), and so (f), skipped parts, with
 that reason. --quick measures fewer parts (batch sizes 1 and 64; 1-row loads only), for tests. Also printed:
 (b)/(d) in requests/s, "gen CPU", the load generator's own share of one core during each row (it shares the 2
@@ -39,8 +41,9 @@ from backend.batching_config import BatchingParameters, parse_batching_parameter
 from backend.demo_models import ensure_demo_models
 from bench.backend_process import HOST, BackendProcess, ServerExited, ServerProcess, free_port
 from bench.closed_loop import measure
+from bench.h2load import H2LOAD_MISSING, h2load_path, run_grpc_load
 from bench.latency import RequestFailed
-from bench.load import Load, run_load
+from bench.load import Load
 from bench.options import add_loop_options
 from bench.plot import plot_latency
 from bench.proxies import CpuMeter
@@ -75,6 +78,7 @@ COLUMNS = (
     Column("requests/s", 12, lambda result: number(result["requests_per_s"])),
     *(latency_column(key, "ms") for key in ("p50", "p99", "p99.9")),
     Column("vs (a)", 8, lambda result: number(result.get("vs_in_process"), 3)),
+    Column("generator", 11, lambda result: result.get("generator", "-")),
     share_column("gen CPU", "generator_cpu", 9),
     share_column("server CPU", "server_cpu", 12),
     share_column("steal", "host_steal", 7),
@@ -115,11 +119,18 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.add_argument("--quick", action="store_true", help="fewer parts (for tests)")
     parser.add_argument("--batching-parameters", type=Path,
                         help="BatchingParameters text file for (b) (default: the one described above)")
+    parser.add_argument("--grpc-generator", choices=("auto", "h2load", "python"), default="auto",
+                        help="what drives the gRPC loads: h2load (nghttp2-client), bench.load's official client on "
+                             "grpc.aio, or h2load where installed (default)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the table, write the JSON and PNG; exit status 1 if any request failed."""
+    h2load = None if args.grpc_generator == "python" else h2load_path()
+    if args.grpc_generator == "h2load" and h2load is None:
+        print(H2LOAD_MISSING, file=sys.stderr)
+        return 2
     models_dir = ensure_demo_models()
     base_path = models_dir / MODEL
     cases = PREDICT_CASES[:2] if args.quick else PREDICT_CASES
@@ -139,14 +150,14 @@ def run(args: argparse.Namespace) -> int:
                 skipped["b"] = _unsupported(exited)
                 skipped["f"] = "needs (b)'s max sustainable rate"
             else:
-                results += _serve("b", backend, cases, args)
+                results += _serve("b", backend, cases, args, h2load)
                 max_rate = _find(results, "b", MAX_RATE_CASE.key)["requests_per_s"]
                 if max_rate:
                     results.append(_half_rate(backend, max_rate, args))
                 else:
                     skipped["f"] = f"(b) {MAX_RATE_CASE.label} completed no request"
         with BackendProcess(plain, work / "backend.log") as backend:
-            results += _serve("c", backend.wait_ready(), cases, args)
+            results += _serve("c", backend.wait_ready(), cases, args, h2load)
             results += _serve("e", backend, [HEALTH_CASE], args)
         port = free_port()
         with ServerProcess("bench.keras_baseline", [f"--model_base_path={base_path}", f"--rest_api_port={port}"],
@@ -194,9 +205,11 @@ def _check_shape(batch: int) -> Callable[[dict[str, np.ndarray]], None]:
     return check
 
 
-def _serve(part: str, server: ServerProcess, cases: Iterable[Case], args: argparse.Namespace) -> list[dict[str, Any]]:
-    return [_run(part, server, case, Load(case.concurrency, None, args.seconds, args.warmup), case.key, case.label)
-            for case in cases]
+def _serve(part: str, server: ServerProcess, cases: Iterable[Case], args: argparse.Namespace,
+           h2load: str | None = None) -> list[dict[str, Any]]:
+    """Each case's closed loop; gRPC ones on `h2load` when given (its path)."""
+    return [_run(part, server, case, Load(case.concurrency, None, args.seconds, args.warmup), case.key, case.label,
+                 h2load) for case in cases]
 
 
 def _half_rate(backend: BackendProcess, max_rate: float, args: argparse.Namespace) -> dict[str, Any]:
@@ -205,10 +218,11 @@ def _half_rate(backend: BackendProcess, max_rate: float, args: argparse.Namespac
     return _run("f", backend, MAX_RATE_CASE, load, HALF_RATE_KEY, f"REST, 1 row, {load.describe()}")
 
 
-def _run(part: str, server: ServerProcess, case: Case, load: Load, key: str, text: str) -> dict[str, Any]:
+def _run(part: str, server: ServerProcess, case: Case, load: Load, key: str, text: str,
+         h2load: str | None = None) -> dict[str, Any]:
     label = _label(part, text)
     with CpuMeter({"server_cpu": server}) as cpu:
-        summary = run_load(_target(server, case), load, label)
+        summary = run_grpc_load(_target(server, case), load, label, h2load)
     return {"part": part, "key": key, "label": label, "rows": case.rows, **summary, **cpu.shares}
 
 

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 
 from bench.backend_process import REPO, BackendProcess
+from bench.h2load import h2load_path, run_grpc_load
 from bench.histogram import SUB_BUCKET_BITS, Histogram, bucket_bounds, bucket_index
 from bench.http_connection import parse_head
 from bench.latency import RequestFailed
+from bench.load import Load
+from bench.targets import grpc_predict, seeded_rows
 
 PERCENTILE_KEYS = {"p50", "p90", "p99", "p99.9"}
 
@@ -171,6 +174,48 @@ def test_backend_efficiency_quick_measures_every_part_or_says_why_not(demo_model
     assert set(report["ratios"]["c_over_d_requests_per_s"]) == {"rest_1x64"}
     assert out.with_suffix(".png").stat().st_size > 0
     assert "vs (a)" in printed and "(c)/(d) requests/s" in printed
+    grpc_rows = [result for result in served if result["key"].startswith("grpc")]
+    assert grpc_rows and {result["generator"] for result in grpc_rows} == {"h2load" if h2load_path() else "bench.load"}
+
+
+needs_h2load = pytest.mark.skipif(h2load_path() is None,
+                                  reason="h2load is not installed (apt-get install nghttp2-client)")
+
+
+@needs_h2load
+def test_h2load_drives_grpc_predicts_and_counts_only_real_answers(mlp_backend: BackendProcess) -> None:
+    target = grpc_predict(f"grpc://127.0.0.1:{mlp_backend.grpc_port}", "mlp", None, "x", seeded_rows(2, (784,)))
+    result = run_grpc_load(target, Load(4, None, 0.5, 0.2), "h2load", h2load_path())
+    assert result["generator"] == "h2load" and result["connections"] == 1
+    assert result["count"] > 0 and result["errors"] == 0, result["error_kinds"]
+    assert set(result["latency_us"]) == PERCENTILE_KEYS and result["latency_us"]["p50"] > 0
+    assert result["rows_per_s"] == 2 * result["requests_per_s"] and 0 <= result["generator_cpu"]
+
+
+@needs_h2load
+def test_h2load_counts_calls_the_server_refuses_as_errors(demo_models: Path, tmp_path: Path) -> None:
+    """gRPC's status comes in trailers, which h2load does not read: a refused call must still count as an error."""
+    parameters = tmp_path / "batching.txt"
+    parameters.write_text("max_batch_size { value: 1 }\nbatch_timeout_micros { value: 0 }\n"
+                          "max_enqueued_batches { value: 1 }\nnum_batch_threads { value: 1 }\n")
+    flags = ["--model_name=mlp", f"--model_base_path={demo_models / 'mlp'}", "--enable_batching",
+             f"--batching_parameters_file={parameters}"]
+    with BackendProcess(flags, tmp_path / "backend.log") as backend:
+        target = grpc_predict(f"grpc://127.0.0.1:{backend.wait_ready().grpc_port}", "mlp", None, "x",
+                              seeded_rows(1, (784,)))
+        result = run_grpc_load(target, Load(32, None, 0.5, 0), "h2load, full queue", h2load_path())
+    assert result["generator"] == "h2load"
+    assert result["errors"] > 0 and set(result["error_kinds"]) == {"gRPC status not OK (no response message)"}
+
+
+@needs_h2load
+def test_a_request_the_server_refuses_outright_runs_on_bench_load_which_names_the_status(
+        mlp_backend: BackendProcess) -> None:
+    target = grpc_predict(f"grpc://127.0.0.1:{mlp_backend.grpc_port}", "no_such_model", None, "x",
+                          seeded_rows(1, (784,)))
+    result = run_grpc_load(target, Load(2, None, 0.3, 0), "unknown model", h2load_path())
+    assert result["generator"] == "bench.load" and result["count"] == 0
+    assert result["errors"] > 0 and set(result["error_kinds"]) == {"gRPC NOT_FOUND"}
 
 
 @pytest.mark.parametrize("nginx", ["found", "missing"])
