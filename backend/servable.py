@@ -171,7 +171,8 @@ def _load_into_session(path: Path, tags: Sequence[str], meta_graph: meta_graph_p
 _STEPS_PER_SIGNATURE = 64
 
 
-def _session_runner(session: tf.compat.v1.Session, key: str, definition: meta_graph_pb2.SignatureDef) -> Runner:
+def _session_runner(session: tf.compat.v1.Session, signature_key: str, definition: meta_graph_pb2.SignatureDef
+                    ) -> Runner:
     input_names = {key: info.name for key, info in definition.inputs.items()}
     output_names = {key: info.name for key, info in definition.outputs.items()}
 
@@ -203,7 +204,7 @@ def _session_runner(session: tf.compat.v1.Session, key: str, definition: meta_gr
     try:
         step(tuple(input_names), tuple(output_names))
     except tf.errors.OpError as error:
-        log.warning("signature %r: its step could not be made at load time: %s", key,
+        log.warning("signature %r: its step could not be made at load time: %s", signature_key,
                     _client_message(error.message))
     return run
 

@@ -3,6 +3,8 @@ miss the same step together make it once."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -10,7 +12,9 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
+from backend import errors
 from backend.servable import Servable, load_servable, session_config
 
 
@@ -59,3 +63,24 @@ def test_threads_missing_one_step_together_make_it_once(demo_models: Path, steps
         thread.join()
     assert shapes == [(1, 10)] * 8
     assert len(steps_made) == before + 1
+
+
+def test_a_signature_whose_step_cannot_be_made_still_loads_and_its_requests_say_why(
+        demo_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    version = tmp_path / "1"
+    shutil.copytree(demo_models / "half_plus_two_tf1" / "123", version)
+    saved_model = saved_model_pb2.SavedModel.FromString((version / "saved_model.pb").read_bytes())
+    signatures = saved_model.meta_graphs[0].signature_def
+    signatures["broken"].CopyFrom(signatures["serving_default"])
+    next(iter(signatures["broken"].outputs.values())).name = "no_such_tensor:0"
+    (version / "saved_model.pb").write_bytes(saved_model.SerializeToString())
+
+    with caplog.at_level(logging.WARNING, logger="backend.servable"):
+        servable = load_servable("broken", 1, version, ("serve",), session_config(0, 0))
+    assert "'broken': its step could not be made at load time" in caplog.text
+    default = servable.signature("")
+    outputs = default.run({"x": np.array([1.0], np.float32)}, tuple(default.outputs))
+    assert next(iter(outputs.values())).tolist() == [2.5]
+    broken = servable.signature("broken")
+    with pytest.raises(errors.ServingError, match="no_such_tensor"):
+        broken.run({"x": np.array([1.0], np.float32)}, tuple(broken.outputs))
