@@ -50,19 +50,19 @@ def run_grpc_load(target: Target, load: Load, label: str, h2load: str | None) ->
     """With h2load (its path), a closed loop on plaintext gRPC runs on it; anything else on bench.load, as does a
     request the server refuses (bench.load then reports its errors by status code)."""
     if h2load is not None and isinstance(target, GrpcTarget) and target.url.startswith("grpc:") and load.rate is None:
-        answer = _answer(target)
-        if answer is not None:
-            return run_h2load(h2load, target, load, label, len(answer))
+        answer_bytes = _answer_bytes(target)
+        if answer_bytes is not None:
+            return run_h2load(h2load, target, load, label, answer_bytes)
     return {**run_load(target, load, label), "generator": "bench.load"}
 
 
-def _answer(target: GrpcTarget) -> bytes | None:
-    """The response message, framed, that the official client gets for the target's request; None if refused."""
+def _answer_bytes(target: GrpcTarget) -> int | None:
+    """The size on the wire of the answer the official client gets to the target's request; None if refused."""
     from bench.grpc_client import PredictClient  # TensorFlow, only when gRPC is used
 
     client = PredictClient(loopback_address(target.url, GRPC_SCHEMES)[1], target.request)
     try:
-        return _framed(client.predict().SerializeToString())
+        return len(_framed(client.predict().SerializeToString()))
     except RequestFailed:
         return None
     finally:
@@ -71,7 +71,7 @@ def _answer(target: GrpcTarget) -> bytes | None:
 
 def run_h2load(h2load: str, target: GrpcTarget, load: Load, label: str, answer_bytes: int) -> dict[str, Any]:
     """A warm-up run, then the measured one; the measured run's summary. `answer_bytes`: the size of one framed
-    successful response (see _answer)."""
+    successful response (see _answer_bytes)."""
     host, port = loopback_address(target.url, GRPC_SCHEMES)
     request = _framed(target.request.SerializeToString())
     channels = min(target.channels, load.concurrency)
@@ -88,7 +88,7 @@ def run_h2load(h2load: str, target: GrpcTarget, load: Load, label: str, answer_b
         for line in log.read_text().splitlines():
             histogram.record(int(line.split("\t")[2]) * 1000)  # start time, HTTP status, duration in µs
     answered = min(report["data_bytes"] // answer_bytes, report["succeeded"])
-    kinds = {_NOT_OK: report["succeeded"] - answered, "h2load failed": report["done"] - report["succeeded"]}
+    kinds = {_NOT_OK: report["succeeded"] - answered, "HTTP/2 request failed": report["done"] - report["succeeded"]}
     kinds = {kind: count for kind, count in kinds.items() if count}
     rate = answered / load.seconds
     return {"mode": "closed", "concurrency": load.concurrency, "rate": None, "rows_per_request": target.rows,
