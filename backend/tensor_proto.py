@@ -1,11 +1,13 @@
 """TensorProto ⇄ NumPy for the gRPC API, as TF Serving encodes tensors.
 
-Requests may carry values in `tensor_content` (packed bytes) or in the typed `*_val` fields; both decode through
-TensorFlow's own `make_ndarray`. Responses use the typed fields, as TF Serving does by default, or `tensor_content`
+Requests may carry values in `tensor_content` (packed bytes) or in the typed `*_val` fields: packed numbers are read
+in place, everything else decodes through TensorFlow's own `make_ndarray`. Responses use the typed fields, as TF Serving does by default, or `tensor_content`
 when the server runs with `--enable_serialization_as_tensor_content` (cheaper to encode and decode for big tensors).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -35,10 +37,25 @@ def to_ndarray(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec) -> np
     if proto.dtype != spec.dtype.as_datatype_enum:
         got = types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else proto.dtype
         raise InvalidArgument(f"Expects arg[{name}] to be {spec.dtype.name} but {got} is provided")
+    if proto.tensor_content and spec.numeric is not None:
+        return _packed(name, proto, spec.numeric)
     try:
         return tf.make_ndarray(proto)
     except (TypeError, ValueError) as error:
         raise InvalidArgument(f"input '{name}' is not a valid TensorProto: {error}") from None
+
+
+def _packed(name: str, proto: tensor_pb2.TensorProto, dtype: np.dtype) -> np.ndarray:
+    """Numbers in `tensor_content` (what `tf.make_tensor_proto` and the official clients send), read in place.
+    make_ndarray gives the same array but copies it and costs ~14 µs more a call (20.1 against 6.5 µs for one or
+    eight rows of the demo MLP): a gRPC predict's decode runs on the event loop. The array is read-only, as the
+    REST path's already are; the model call and the batcher only read inputs."""
+    shape = tuple(dim.size for dim in proto.tensor_shape.dim)
+    content = proto.tensor_content
+    if min(shape, default=0) < 0 or len(content) != math.prod(shape) * dtype.itemsize:
+        raise InvalidArgument(f"input '{name}' is not a valid TensorProto: {len(content)} bytes of tensor_content "
+                              f"for shape {list(shape)} of {dtype.name} ({dtype.itemsize} bytes each)")
+    return np.frombuffer(content, dtype=dtype).reshape(shape)
 
 
 def to_tensor_proto(array: np.ndarray, as_tensor_content: bool) -> tensor_pb2.TensorProto:
