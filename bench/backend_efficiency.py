@@ -194,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     _print_report(args, results, skipped, ratios, ceiling, target)
     for key, figures in share_targets.items():
         print(_describe_share_target(key, figures))
-    return 1 if any(result["errors"] for result in results) else 0
+    failed = any(result["errors"] for result in results) or any(any(entry["errors"].values()) for entry in rounds)
+    return 1 if failed else 0
 
 
 def _in_process(version_dir: Path, batch_sizes: Iterable[int], args: argparse.Namespace
@@ -207,6 +208,7 @@ def _in_process(version_dir: Path, batch_sizes: Iterable[int], args: argparse.Na
 
     # The backend's own Session threading at default flags: all cores per op, ops in the calling thread.
     servable = load_servable(MODEL, VERSION, version_dir, tags=("serve",), session_config=session_config(0, 0))
+
     def call_at(batch: int) -> Callable[[], None]:
         return predict_call(servable, {INPUT: seeded_rows(batch, (FEATURES,))}, _check_shape(batch))
 
@@ -230,12 +232,12 @@ def _rounds(backend: BackendProcess, ceiling_call: Callable[[], None], batch: in
         tag = f"round {index + 1}/{args.rounds}"
         ceiling = measure(_label("a", f"{tag}, batch {batch}"), ceiling_call, share_s, args.warmup).summary()
         ceiling_rows = ceiling["requests_per_s"] * batch
-        shares = {}
+        shares, errors = {}, {}
         for case in cases:
             result = _run("b", backend, case, Load(case.concurrency, None, share_s, args.warmup), case.key,
                           f"{tag}, {case.label}", h2load)
-            shares[case.key] = ratio(result["rows_per_s"], ceiling_rows)
-        rounds.append({"ceiling_rows_per_s": ceiling_rows, "vs_in_process": shares})
+            shares[case.key], errors[case.key] = ratio(result["rows_per_s"], ceiling_rows), result["errors"]
+        rounds.append({"ceiling_rows_per_s": ceiling_rows, "vs_in_process": shares, "errors": errors})
     return rounds
 
 
