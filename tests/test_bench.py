@@ -166,7 +166,9 @@ def test_backend_efficiency_quick_measures_every_part_or_says_why_not(demo_model
         assert {"rate", "p99_us", "bound_us", "met"} <= set(report["latency_target"])  # met or not: a report
         assert "(f) latency target: p99" in printed
         assert len(report["rounds"]) == 3 and set(report["share_targets"]) == {"rest_1x64"}
-        assert all(entry["errors"] == {"rest_1x64": 0} for entry in report["rounds"])
+        assert all(entry["errors"] == {"rest_1x64": 0, "rest_1_half_rate": 0} for entry in report["rounds"])
+        assert len(report["latency_target"]["rounds_p99_us"]) == 3
+        assert "judged on the median p99 of 3 interleaved rounds" in printed
         share = report["share_targets"]["rest_1x64"]
         assert len(share["rounds"]) == 3 and share["target"] == 0.25 and isinstance(share["met"], bool)
         assert "(b) REST, 1 row x 64: rows/s / ceiling, median of 3 interleaved rounds" in printed
