@@ -82,6 +82,7 @@ class _Slot:
     state: WorkerState = "starting"
     current: _Process | None = None
     replacement: _Process | None = None
+    claimed: tuple[int, ...] = ()  # the ports of a process being started, until current or replacement holds it
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -282,6 +283,12 @@ class Fleet:
         if slot.current is None:
             self._set_state(slot, "starting")
         try:
+            return await self._spawn_and_wait(slot)
+        finally:
+            slot.claimed = ()  # the caller stores a returned process at once, with no await in between
+
+    async def _spawn_and_wait(self, slot: _Slot) -> _Process | None:
+        try:
             process = await self._spawn(slot)
         except OSError as error:
             log.error("fleet: cannot start worker %d: %s", slot.worker.index, error)
@@ -309,7 +316,10 @@ class Fleet:
     async def _spawn(self, slot: _Slot) -> _Process:
         used = {port for s in self._slots for p in (s.current, s.replacement) if p is not None
                 for port in (p.rest.port, p.grpc.port)}  # ports, not pair numbers: base_port may have changed
+        used.update(port for s in self._slots for port in s.claimed)  # processes still starting hold theirs too
         taken = {k for k in range(2 * len(self._slots) + 2) if used.intersection(port_pair(self.config.base_port, k))}
+        # A worker moved off its own pair takes a spare one, not a sibling's own pair (which it would then lose).
+        taken.update(s.worker.index for s in self._slots if s is not slot)
         pair = free_pair(slot.worker.index, taken)
         for _ in range(_PAIRS_PROBED):
             busy = [port for port in port_pair(self.config.base_port, pair) if not _bindable(port)]
@@ -317,11 +327,12 @@ class Fleet:
                 break
             # Held by another program (or a connection's local end: base_port may lie in the system's ephemeral
             # range): the worker would exit at its bind and crash-loop on the same pair, so take another.
-            log.warning("fleet: port %s is in use by another program; worker %d takes the next free pair",
+            log.warning("fleet: port %s is in use by another program; worker %d takes a free pair no other worker owns",
                         " and ".join(map(str, busy)), slot.worker.index)
             taken.add(pair)
             pair = free_pair(slot.worker.index, taken)
         grpc_port, rest_port = port_pair(self.config.base_port, pair)
+        slot.claimed = (grpc_port, rest_port)  # before the first await: a sibling spawning meanwhile must see it
         command = [sys.executable, "-m", "backend", *port_flags(self.config.base_port, pair), f"--bind_address={HOST}",
                    *self._file_flags(), *slot.worker.flags]
         env = {**self._environ, **slot.worker.env, "PYTHONUNBUFFERED": "1"}
