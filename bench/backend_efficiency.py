@@ -116,6 +116,9 @@ PREDICT_CASES = (Case("rest", 1, 64), Case("grpc", 1, 64), Case("rest", 8, 32), 
 MAX_RATE_CASE = PREDICT_CASES[0]  # (b)'s requests/s on it is the "max sustainable rate" of (f)
 HALF_RATE_KEY = "rest_1_half_rate"
 HEALTH_CASE = Case("health", 0, 64)
+# The Keras server answers 64 queued requests one model.predict at a time: ~4 s at p50 when the machine is quiet,
+# past the usual 10 s drain when it is not (CI: 25 timeouts at 26-42% steal). Slow is what (d) measures, not an error.
+KERAS_DRAIN_S = 60.0
 # The issue's targets for (b), as shares of the in-process ceiling, measured in interleaved rounds (see _rounds).
 SHARE_TARGETS = {"rest_1x64": 0.25, "rest_8x32": 0.5, "grpc_8x32": 0.5}
 
@@ -177,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         port = free_port()
         with ServerProcess("bench.keras_baseline", [f"--model_base_path={base_path}", f"--rest_api_port={port}"],
                            port, work / "keras.log") as keras:
-            results += _serve("d", keras.wait_ready(), [case for case in cases if case.protocol == "rest"], args)
+            results += _serve("d", keras.wait_ready(), [case for case in cases if case.protocol == "rest"], args,
+                              drain_s=KERAS_DRAIN_S)
     results.sort(key=lambda result: result["part"])
     ceiling = max((result for result in results if result["part"] == "a"), key=lambda result: result["rows_per_s"])
     for result in results:
@@ -274,10 +278,11 @@ def _check_shape(batch: int) -> Callable[[dict[str, np.ndarray]], None]:
 
 
 def _serve(part: str, server: ServerProcess, cases: Iterable[Case], args: argparse.Namespace,
-           h2load: str | None = None) -> list[dict[str, Any]]:
-    """Each case's closed loop; gRPC ones on `h2load` when given (its path)."""
-    return [_run(part, server, case, Load(case.concurrency, None, args.seconds, args.warmup), case.key, case.label,
-                 h2load) for case in cases]
+           h2load: str | None = None, drain_s: float = 10.0) -> list[dict[str, Any]]:
+    """Each case's closed loop; gRPC ones on `h2load` when given (its path); requests still in flight when a loop
+    ends get `drain_s` to finish before they count as errors."""
+    return [_run(part, server, case, Load(case.concurrency, None, args.seconds, args.warmup, drain_s), case.key,
+                 case.label, h2load) for case in cases]
 
 
 def _half_rate(backend: BackendProcess, max_rate: float, seconds: float, warmup_s: float,
