@@ -72,12 +72,15 @@ def gateway_config(certs: CertPaths, backends: Sequence[str], balancer: str, htt
 
 
 class GatewayProcess(ServerProcess):
-    """`python -m gateway --config WORK/gateway.yaml` for `document` (see gateway_config); ready when its admin
-    `GET /readyz` answers 200. Access lines go to `access_log`, everything else to WORK/gateway.log."""
+    """`python -m gateway --config WORK/config/gateway.yaml` for `document` (see gateway_config); ready when its
+    admin `GET /readyz` answers 200. Access lines go to `access_log`, everything else to WORK/gateway.log. The config
+    has a directory of its own, as in a deployment: the gateway watches the config's directory, and logs written
+    there would wake its watcher on every flush, a cost no deployment pays."""
 
     def __init__(self, document: Mapping[str, Any], work: Path, access_log: Path, grace_s: float = 1.0,
                  env: Mapping[str, str] | None = None) -> None:
-        self.config_path = work / "gateway.yaml"
+        self.config_path = work / "config" / "gateway.yaml"
+        self.config_path.parent.mkdir(exist_ok=True)
         self._env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
         self.config_path.write_text(yaml.safe_dump(dict(document)))
         self.access_log = access_log

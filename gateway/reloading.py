@@ -78,8 +78,13 @@ async def watch_config(path: Path, reload: Callable[[str], Awaitable[object]]) -
     """Reload whenever the config file changes, until cancelled; watches its directory, since editors replace files
     by rename."""
     target = path.resolve()
-    async for changes in watchfiles.awatch(target.parent, debounce=200, step=50,
-                                           watch_filter=lambda _change, changed: Path(changed).resolve() == target):
+
+    def is_target(_change: watchfiles.Change, changed: str) -> bool:
+        # The name first: a busy neighbour (a log file written beside the config) costs no path resolution, which
+        # takes system calls and the GIL from the thread that serves.
+        return Path(changed).name == target.name and Path(changed).resolve() == target
+
+    async for changes in watchfiles.awatch(target.parent, debounce=200, step=50, watch_filter=is_target):
         if changes and target.exists():
             await reload("file changed")
 
