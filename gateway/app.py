@@ -33,6 +33,7 @@ from gateway.accesslog import AccessLog
 from gateway.admin import Admin
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
+from gateway.config_watch import watch_config
 from gateway.fleet import FleetSection
 from gateway.grpc_descriptors import DescriptorError, served_pool
 from gateway.grpc_edge import GrpcEdge, add_health, add_reflection, set_serving
@@ -46,7 +47,6 @@ from gateway.reloading import (
     ReadConfig,
     read_config,
     reload_config,
-    watch_config,
 )
 from gateway.routes import RouteTable
 from gateway.shared_buckets import SharedBuckets

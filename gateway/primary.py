@@ -41,6 +41,7 @@ from backend.http_server import HttpServer, json_error_body
 from gateway.admin import Admin
 from gateway.auth import Authenticator
 from gateway.config import AdminKey, GatewayConfig, HostPort, worker_document
+from gateway.config_watch import watch_config
 from gateway.fleet import FleetSection, die_with_parent, exit_text
 from gateway.keys import digest
 from gateway.merge import merge_backends, merge_expositions
@@ -51,7 +52,6 @@ from gateway.reloading import (
     ReadConfig,
     read_config,
     reload_config,
-    watch_config,
 )
 from gateway.restart_policy import RestartPolicy
 from gateway.shared_buckets import SharedBuckets

@@ -17,8 +17,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import watchfiles
-
 from gateway.auth import AuthConfigError, Authenticator
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.fleet import FleetSection
@@ -72,21 +70,6 @@ async def reload_config(path: Path, current: GatewayConfig, generation: int, rea
 
 def _listen(config: GatewayConfig) -> str:
     return f"https {config.listen.https}, admin {config.listen.admin}"
-
-
-async def watch_config(path: Path, reload: Callable[[str], Awaitable[object]]) -> None:
-    """Reload whenever the config file changes, until cancelled; watches its directory, since editors replace files
-    by rename."""
-    target = path.resolve()
-
-    def is_target(_change: watchfiles.Change, changed: str) -> bool:
-        # The name first: a busy neighbour (a log file written beside the config) costs no path resolution, which
-        # takes system calls and the GIL from the thread that serves.
-        return Path(changed).name == target.name and Path(changed).resolve() == target
-
-    async for changes in watchfiles.awatch(target.parent, debounce=200, step=50, watch_filter=is_target):
-        if changes and target.exists():
-            await reload("file changed")
 
 
 class Lifecycle:
