@@ -41,7 +41,7 @@ from pathlib import Path
 from gateway.config import Backend, GatewayConfig, HostPort
 from gateway.config_fleet import FleetConfig
 from gateway.devices import Gpu, detect_gpus, run_command
-from gateway.fleet_plan import Worker, free_pair, plan_workers, port_flags, port_pair
+from gateway.fleet_plan import Worker, choose_pair, plan_workers, port_flags, port_pair
 from gateway.metrics import GatewayMetrics, WorkerState
 from gateway.restart_policy import RestartPolicy
 from gateway.upstream_http import HttpPool, UpstreamError
@@ -49,7 +49,6 @@ from gateway.upstream_http import HttpPool, UpstreamError
 log = logging.getLogger("tfgate.fleet")
 
 HOST = "127.0.0.1"
-_PAIRS_PROBED = 8  # pairs tried when ports are in use; past them the worker starts anyway, and its exit is reported
 _POLL_S = 0.2
 _LEAVE_TIMEOUT_S = 10.0
 _PROBE_TIMEOUT_S = 2.0
@@ -317,23 +316,13 @@ class Fleet:
         used = {port for s in self._slots for p in (s.current, s.replacement) if p is not None
                 for port in (p.rest.port, p.grpc.port)}  # ports, not pair numbers: base_port may have changed
         used.update(port for s in self._slots for port in s.claimed)  # processes still starting hold theirs too
-        taken = {k for k in range(2 * len(self._slots) + 2) if used.intersection(port_pair(self.config.base_port, k))}
-        # A worker moved off its own pair takes a spare one, not a sibling's own pair (which it would then lose).
-        taken.update(s.worker.index for s in self._slots if s is not slot)
-        pair = free_pair(slot.worker.index, taken)
-        for _ in range(_PAIRS_PROBED):
-            busy = [port for port in port_pair(self.config.base_port, pair) if not _bindable(port)]
-            if not busy:
-                break
-            # Held by another program (or a connection's local end: base_port may lie in the system's ephemeral
-            # range): the worker would exit at its bind and crash-loop on the same pair, so take another.
+        choice = choose_pair(self.config.base_port, slot.worker.index, len(self._slots), used, _bindable)
+        for busy in choice.skipped:
             log.warning("fleet: port %s is in use by another program; worker %d takes a free pair no other worker owns",
                         " and ".join(map(str, busy)), slot.worker.index)
-            taken.add(pair)
-            pair = free_pair(slot.worker.index, taken)
-        grpc_port, rest_port = port_pair(self.config.base_port, pair)
+        grpc_port, rest_port = port_pair(self.config.base_port, choice.pair)
         slot.claimed = (grpc_port, rest_port)  # before the first await: a sibling spawning meanwhile must see it
-        command = [sys.executable, "-m", "backend", *port_flags(self.config.base_port, pair), f"--bind_address={HOST}",
+        command = [sys.executable, "-m", "backend", *port_flags(self.config.base_port, choice.pair), f"--bind_address={HOST}",
                    *self._file_flags(), *slot.worker.flags]
         env = {**self._environ, **slot.worker.env, "PYTHONUNBUFFERED": "1"}
         child = await asyncio.create_subprocess_exec(
@@ -344,7 +333,7 @@ class Fleet:
                          f"{' '.join(command)}")
         assert child.stdout is not None
         pump = asyncio.create_task(_pump(child.stdout, slot.log), name=f"fleet worker {slot.worker.index} log")
-        return _Process(child, pair, HostPort(HOST, rest_port), HostPort(HOST, grpc_port), slot.spec, pump)
+        return _Process(child, choice.pair, HostPort(HOST, rest_port), HostPort(HOST, grpc_port), slot.spec, pump)
 
     async def _terminate(self, process: _Process, grace_s: float) -> None:
         """Out of the pool first, then SIGTERM (the backend drains), SIGKILL after the grace."""

@@ -9,9 +9,10 @@ do not fight over the cores.
 
 Ports: a process listens on one numbered pair of loopback ports, gRPC on `base_port + 2*k` and REST on
 `base_port + 2*k + 1`. Worker i runs on pair i; while a rolling change replaces it, the replacement starts on the
-lowest pair no process of the fleet holds (`free_pair`) so the old one serves until the new one is ready. A fleet
-of n workers so uses the ports from base_port up to base_port + 2n + 1, none of which may be one the rest of the
-config already uses on this host (`reserved_ports`): a clash would only show later, as a worker's crash loop.
+lowest pair no process of the fleet holds and no other worker owns (`choose_pair`), so the old one serves until the
+new one is ready; a pair another program holds a port of is passed over the same way. A fleet of n workers so uses
+the ports from base_port up to base_port + 2n + 1, none of which may be one the rest of the config already uses on
+this host (`reserved_ports`): a clash would only show later, as a worker's crash loop.
 
 Guarantees: each worker's flags start with the thread counts the plan owns, then `extra_flags` as given; extra flags
 that would set anything the fleet decides (`PLANNED_FLAGS`) raise ValueError naming it, as do a bad core count,
@@ -20,7 +21,7 @@ replica count or port range.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -97,6 +98,37 @@ def free_pair(preferred: int, taken: Collection[int]) -> int:
     while pair in taken:
         pair += 1
     return pair
+
+
+_PAIRS_PROBED = 8  # pairs tried when ports are in use; past them the worker starts anyway, and its exit is reported
+
+
+@dataclass(frozen=True, slots=True)
+class PairChoice:
+    pair: int
+    skipped: tuple[tuple[int, ...], ...]  # the busy ports of each pair passed over, in order, for the log
+
+
+def choose_pair(base_port: int, index: int, workers: int, used_ports: Collection[int],
+                bindable: Callable[[int], bool], probes: int = _PAIRS_PROBED) -> PairChoice:
+    """The pair worker `index` of `workers` starts on: its own unless a process of the fleet holds a port of it
+    (`used_ports`: running, replaced and still-starting processes alike), else the lowest pair no process holds and
+    no other worker owns (taking a sibling's own pair would displace the sibling in turn). A pair with a port that
+    is not `bindable` (held by another program, or a connection's local end: base_port may lie in the system's
+    ephemeral range) is passed over, up to `probes` pairs; past them the last one is taken anyway, and the worker's
+    exit at its bind is reported as any other."""
+    taken = {k for k in range(2 * workers + 2) if set(used_ports).intersection(port_pair(base_port, k))}
+    taken.update(other for other in range(workers) if other != index)
+    pair = free_pair(index, taken)
+    skipped: list[tuple[int, ...]] = []
+    for _ in range(probes):
+        busy = tuple(port for port in port_pair(base_port, pair) if not bindable(port))
+        if not busy:
+            break
+        skipped.append(busy)
+        taken.add(pair)
+        pair = free_pair(index, taken)
+    return PairChoice(pair, tuple(skipped))
 
 
 def refuse_planned(extra_flags: Sequence[str]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.devices import Gpu, detect_gpus, parse_nvidia_smi_list
-from gateway.fleet_plan import Worker, free_pair, plan_workers, port_flags, port_pair
+from gateway.fleet_plan import Worker, choose_pair, free_pair, plan_workers, port_flags, port_pair
 from gateway.restart_policy import RestartPolicy
 
 UUIDS = [f"GPU-{n}a2b3c4d-0000-1111-2222-33334444555{n}" for n in range(4)]
@@ -338,3 +338,37 @@ def test_gave_up_is_final() -> None:
 def test_policy_refuses_bad_settings(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         RestartPolicy(**kwargs)
+
+
+BASE = 9000
+
+
+def _held(*ports: int) -> Callable[[int], bool]:
+    """`bindable` for ports another program holds."""
+    return lambda port: port not in ports
+
+
+@pytest.mark.parametrize(
+    ("index", "used", "held", "expected", "skipped"),
+    [
+        (0, set(), (), 0, ()),  # its own pair
+        (1, {9000, 9001}, (), 1, ()),  # a sibling on its own pair is no obstacle
+        # worker 0's replacement in a rolling change: its old process holds pair 0, and pair 1 is worker 1's own
+        (0, {9000, 9001, 9002, 9003}, (), 2, ()),
+        (0, {9000, 9001}, (), 2, ()),  # ...even while worker 1 is down: it would lose its own pair
+        (1, {9000, 9001, 9004, 9005}, (), 1, ()),  # the replacement of worker 0 on pair 2 leaves pair 1 to worker 1
+        (0, {9004}, (9001,), 3, ((9001,),)),  # another program holds worker 0's REST port; pair 2 is a starting
+        # replacement's claim (one port is enough): the next pair nobody holds
+        (1, set(), (9002, 9003, 9005), 3, ((9002, 9003), (9005,))),  # every busy pair passed over, and logged
+    ],
+)
+def test_choose_pair(index: int, used: set[int], held: tuple[int, ...], expected: int,
+                     skipped: tuple[tuple[int, ...], ...]) -> None:
+    choice = choose_pair(BASE, index, 2, used, _held(*held))
+    assert (choice.pair, choice.skipped) == (expected, skipped)
+
+
+def test_choose_pair_gives_up_after_its_probes() -> None:
+    """Past `probes` busy pairs the last one is taken anyway: the worker's exit at its bind is reported."""
+    choice = choose_pair(BASE, 0, 1, set(), lambda _port: False, probes=3)
+    assert choice.pair == 3 and len(choice.skipped) == 3
