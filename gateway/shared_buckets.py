@@ -58,7 +58,7 @@ class Slot(NamedTuple):
     burst: float
 
 
-def _by_use(slot: Slot) -> int:
+def by_use(slot: Slot) -> int:
     return slot.used
 
 
@@ -202,10 +202,23 @@ class SharedBuckets:
         """A copy of the live slots."""
         return [Slot._make(slot) for slot in _SLOT.iter_unpack(self._map[_HEADER_SIZE:]) if slot[0] != 0]
 
+    def sample(self, start: int, count: int) -> list[Slot]:
+        """Up to `count` live slots, the first found walking from slot `start` (wrapping): fewer only when the whole
+        table holds fewer. Eviction looks at these instead of every slot, so its work does not grow with the table."""
+        mapped, capacity = self._map, self.capacity
+        found: list[Slot] = []
+        for step in range(capacity):
+            at = _HEADER_SIZE + (start + step) % capacity * _SLOT_SIZE
+            if _U64.unpack_from(mapped, at)[0] != 0:
+                found.append(Slot._make(_SLOT.unpack_from(mapped, at)))
+                if len(found) == count:
+                    break
+        return found
+
     def drop(self, disposable: Callable[[Slot], bool], keep: int | None = None) -> None:
         """Delete the slots `disposable` picks, then, with `keep`, the least recently used down to `keep` slots.
         The table is rebuilt from the slots kept: one pass over the file rather than a shift per deletion."""
-        live = sorted(self.slots(), key=_by_use)
+        live = sorted(self.slots(), key=by_use)
         left: dict[int, Slot] = {}
         for slot in live:  # a hash twice (a crash mid-shift): the copy used last is the one lookups found
             if not disposable(slot):

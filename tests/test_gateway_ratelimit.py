@@ -290,6 +290,26 @@ def test_without_full_buckets_the_least_recently_used_go(make_limiter: MakeLimit
     assert limiter.check("p1", None, NO_RATES, "m", 0.0).remaining == 4  # dropped, so new and full again
 
 
+def test_an_eviction_makes_room_for_the_new_buckets_only(make_limiter: MakeLimiter) -> None:
+    """At the bound, one new principal costs one bucket (the least recently used), not a tenth of them."""
+    limiter = make_limiter(Limits(default=Rate(per_second=1, burst=5)), max_buckets=200)
+    for principal in range(200):
+        assert admitted(limiter, 1, 0.0, principal=f"p{principal}") == 1  # none full
+    assert admitted(limiter, 1, 0.0, principal="new") == 1
+    assert len(limiter) == 200
+    assert limiter.check("p199", None, NO_RATES, "m", 0.0).remaining == 3  # the most recent one kept: 5 - 2
+
+
+def test_an_eviction_looks_at_sixteen_buckets_not_all(make_limiter: MakeLimiter) -> None:
+    """Every bucket is full again, yet one eviction drops only the 16 it looks at: its work does not grow with the
+    bound (a pass over all of them stalled every request: 193 ms at 100k)."""
+    limiter = make_limiter(Limits(default=Rate(per_second=1, burst=5)), max_buckets=100)
+    for principal in range(100):
+        assert admitted(limiter, 1, 0.0, principal=f"p{principal}") == 1  # full again by 10 s
+    assert admitted(limiter, 1, 10.0, principal="new") == 1
+    assert len(limiter) == 100 - 16 + 1
+
+
 # --- RateLimiter: the shared file ----------------------------------------------------------------------------------
 
 

@@ -81,6 +81,16 @@ def test_deletion_keeps_every_other_slot_findable(tmp_path: Path, seed: int) -> 
     table.close()
 
 
+def test_a_sample_is_the_first_live_slots_from_its_start_round_the_end(tmp_path: Path) -> None:
+    table = SharedBuckets.create(tmp_path / "buckets", capacity=8)
+    with table.lock:
+        for home in (1, 3, 6):  # a hash lands on its home slot, hash % capacity, in an empty table
+            table.insert((1 << 62) | (8 + home), float(home), 0.0, 1.0, 1.0)
+        assert [slot.tokens for slot in table.sample(4, 2)] == [6.0, 1.0]  # past the end, round to the start
+        assert [slot.tokens for slot in table.sample(0, 5)] == [1.0, 3.0, 6.0]  # fewer: all there are
+    table.close()
+
+
 WORKER = """
 import json, sys, time
 from pathlib import Path
