@@ -1,8 +1,9 @@
 """TensorProto ⇄ NumPy for the gRPC API, as TF Serving encodes tensors.
 
 Requests may carry values in `tensor_content` (packed bytes) or in the typed `*_val` fields: packed numbers are read
-in place, everything else decodes through TensorFlow's own `make_ndarray`. Responses use the typed fields, as TF Serving does by default, or `tensor_content`
-when the server runs with `--enable_serialization_as_tensor_content` (cheaper to encode and decode for big tensors).
+in place, everything else decodes through TensorFlow's own `make_ndarray`. Responses use the typed fields, as TF
+Serving does by default, or `tensor_content` when the server runs with `--enable_serialization_as_tensor_content`
+(cheaper to encode and decode for big tensors).
 """
 
 from __future__ import annotations

@@ -322,8 +322,8 @@ class Fleet:
                         " and ".join(map(str, busy)), slot.worker.index)
         grpc_port, rest_port = port_pair(self.config.base_port, choice.pair)
         slot.claimed = (grpc_port, rest_port)  # before the first await: a sibling spawning meanwhile must see it
-        command = [sys.executable, "-m", "backend", *port_flags(self.config.base_port, choice.pair), f"--bind_address={HOST}",
-                   *self._file_flags(), *slot.worker.flags]
+        command = [sys.executable, "-m", "backend", *port_flags(self.config.base_port, choice.pair),
+                   f"--bind_address={HOST}", *self._file_flags(), *slot.worker.flags]
         env = {**self._environ, **slot.worker.env, "PYTHONUNBUFFERED": "1"}
         child = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,

@@ -216,7 +216,8 @@ def test_a_port_another_program_holds_is_skipped(start_fleet: Callable[..., Gate
         response = requests.post(f"https://localhost:{gateway.https_port}{PREDICT}", json={"instances": [2.0]},
                                  verify=str(certs.ca_cert), timeout=10)
         assert response.status_code == 200 and response.json() == {"predictions": [4.0]}
-    assert f"port {base + 1} is in use by another program; worker 0 takes a free pair no other worker owns" in gateway.log()
+    warning = f"port {base + 1} is in use by another program; worker 0 takes a free pair no other worker owns"
+    assert warning in gateway.log()
 
 
 def test_a_crash_loop_is_given_up_and_reported(start_fleet: Callable[..., GatewayProcess], tmp_path: Path,
