@@ -180,7 +180,9 @@ async def test_admitted_rate_is_the_configured_rate(gateway: Any, certs: CertPat
                                                     jwks: Path) -> None:
     start, _ = gateway
     document = auth_document(certs, proxies, jwks)
-    document["auth"]["api_keys"][0]["rate"] = {"per_second": 40, "burst": 1}
+    # A burst of 1 would measure the scheduler: a token left waiting while the gateway is off the CPU is lost, and
+    # under load that cost 17% of the rate. A burst of 10 keeps a token earned in any pause shorter than 250 ms.
+    document["auth"]["api_keys"][0]["rate"] = {"per_second": 40, "burst": 10}
     _, client = await start(document)
     admitted, started = 0, time.monotonic()
     seen = collections.Counter()
@@ -194,7 +196,7 @@ async def test_admitted_rate_is_the_configured_rate(gateway: Any, certs: CertPat
 
     await asyncio.gather(*(caller() for _ in range(8)))
     elapsed = time.monotonic() - started
-    assert abs(admitted - (40 * elapsed + 1)) <= 0.1 * 40 * elapsed, (admitted, elapsed, seen)
+    assert abs(admitted - (40 * elapsed + 10)) <= 0.1 * 40 * elapsed, (admitted, elapsed, seen)
 
 
 async def test_a_reload_that_revokes_a_key_applies_at_once(gateway: Any, tmp_path: Path, certs: CertPaths,
