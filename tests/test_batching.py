@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -226,3 +227,48 @@ async def test_variable_length_inputs_are_padded_when_asked(executor: ThreadPool
         await batcher.close()
     assert model.runner.batches == [2]
     assert results[0]["y"].tolist() == [[2.0, 2.0, 0.0]] and results[1]["y"].tolist() == [[2.0, 2.0, 2.0]]
+
+
+class FailingSignature(RecordingSignature):
+    """Fails its first run, as a bug in a model would; runs normally after."""
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], output_keys: Sequence[str]) -> dict[str, np.ndarray]:
+        if not self.batches:
+            self.batches.append(-1)
+            raise ValueError("broken op")
+        return super().__call__(inputs, output_keys)
+
+
+async def test_a_failed_batch_fails_its_calls_and_frees_its_thread(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    model.runner = FailingSignature()
+    model.signature = dataclasses.replace(model.signature, run=model.runner)
+    batcher = Batcher(parameters(max_batch_size=2, num_batch_threads=1), executor, BackendMetrics())
+    try:
+        failed = await asyncio.gather(*(batcher.run(model.call(np.ones((1, 1), np.float32)), None)
+                                        for _ in range(2)), return_exceptions=True)
+        assert [type(error) for error in failed] == [errors.Internal] * 2
+        assert "broken op" in str(failed[0])
+        answer = await batcher.run(model.call(np.ones((2, 1), np.float32)), None)  # the one thread is free again
+    finally:
+        await batcher.close()
+    assert answer["y"].tolist() == [[2.0], [2.0]] and model.runner.batches == [-1, 2]
+
+
+async def test_close_fails_the_calls_of_a_running_batch_and_ignores_its_late_outcome(
+        executor: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+    model = FakeModel(gate)
+    batcher = Batcher(parameters(max_batch_size=1), executor, BackendMetrics())
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: loop_errors.append(context))
+    running = asyncio.ensure_future(batcher.run(model.call(np.ones((1, 1), np.float32)), None))
+    try:
+        assert await asyncio.to_thread(model.runner.entered.wait, 2)
+        await batcher.close()
+        with pytest.raises(errors.Unavailable, match="shutting down"):
+            await running
+    finally:
+        gate.set()
+    await asyncio.sleep(0.1)  # the thread's outcome arrives after close()
+    assert model.runner.batches == [1] and loop_errors == []
