@@ -66,6 +66,7 @@ from bench.report import (
     write_json,
 )
 from bench.targets import RestTarget, Target, grpc_predict, rest_predict, seeded_rows
+from bench.wakeup import describe_wakeup
 
 MODEL, VERSION, INPUT, FEATURES, CLASSES = "mlp", 1, "x", 784, 10  # backend/demo_models.py
 BATCH_SIZES, QUICK_BATCH_SIZES = (1, 8, 32, 64, 128, 256), (1, 64)
@@ -189,14 +190,16 @@ def run(args: argparse.Namespace) -> int:
     ratios = {f"{part}_over_d_requests_per_s": _ratios_to_keras(results, part) for part in ("b", "c")}
     target = None if "f" in skipped else _latency_target(results, rounds, parameters)
     share_targets = _share_targets(rounds)
+    machine = environment()
     write_json(args.out, {
         "benchmark": "backend-efficiency", "model": MODEL, "version": VERSION, "seconds": args.seconds,
-        "warmup_s": args.warmup, "quick": args.quick, "batching_parameters": batching, "environment": environment(),
+        "warmup_s": args.warmup, "quick": args.quick, "batching_parameters": batching, "environment": machine,
         "ceiling": {"key": ceiling["key"], "rows_per_s": ceiling["rows_per_s"]}, "results": results,
         "skipped": skipped, "ratios": ratios, "latency_target": target, "rounds": rounds,
         "share_targets": share_targets})
     _plot(args.out.with_suffix(".png"), results, ceiling)
     _print_report(args, results, skipped, ratios, ceiling, target)
+    print(describe_wakeup(machine["thread_wakeup_us"]))
     for key, figures in share_targets.items():
         print(_describe_share_target(key, figures))
     failed = any(result["errors"] for result in results) or any(any(entry["errors"].values()) for entry in rounds)

@@ -59,6 +59,7 @@ from bench.report import (
     write_json,
 )
 from bench.targets import rest_predict
+from bench.wakeup import describe_wakeup
 from gateway.certs import CertPaths, write_dev_certs
 
 MODEL, VERSION, INSTANCES = "half_plus_two", 1, [1.0, 2.0, 5.0]
@@ -130,15 +131,17 @@ def run(args: argparse.Namespace) -> int:
             with NginxProcess(nginx, certs, addresses) as proxy:
                 results.append(_run("nginx", proxy.wait_ready(), certs, open_loop))
     target = _target(results)
+    machine = environment()
     write_json(args.out, {
         "benchmark": "degraded-backend", "model": MODEL, "version": VERSION, "body": {"instances": INSTANCES},
         "seconds": args.seconds, "warmup_s": args.warmup, "delays_ms": list(delays_ms), "slow_backend": addresses[0],
         "backends": addresses, "capacity_concurrency": CAPACITY_CONCURRENCY, "rate_fraction": RATE_FRACTION,
         "rate": rate, "max_in_flight": MAX_IN_FLIGHT,
         "nginx": None if nginx is None else {"path": nginx, "version": nginx_version(nginx)},
-        "environment": environment(), "results": results, "skipped": skipped, "target": target})
+        "environment": machine, "results": results, "skipped": skipped, "target": target})
     _plot(args.out.with_suffix(".png"), results, args.delay_ms, rate)
     _print_report(args, results, skipped, target, rate)
+    print(describe_wakeup(machine["thread_wakeup_us"]))
     return 1 if any(result["errors"] for result in results) else 0
 
 

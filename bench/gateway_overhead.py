@@ -72,6 +72,7 @@ from bench.report import (
     write_json,
 )
 from bench.targets import Target, grpc_predict, rest_predict
+from bench.wakeup import describe_wakeup
 from gateway.certs import CertPaths, write_dev_certs
 from gateway.keys import digest
 
@@ -152,13 +153,15 @@ def run(args: argparse.Namespace) -> int:
             results += _measure("gateway_auth", gateway.wait_ready(),
                                 _rest(gateway, certs, (("authorization", f"Bearer {key}"),)), backend, args)
     targets = _targets(results, rounds)
+    machine = environment()
     write_json(args.out, {
         "benchmark": "gateway-overhead", "model": MODEL, "version": VERSION, "body": {"instances": INSTANCES},
         "seconds": args.seconds, "warmup_s": args.warmup, "concurrencies": list(CONCURRENCIES),
-        "environment": environment(), **document, "results": results, "rounds": rounds, "skipped": skipped,
+        "environment": machine, **document, "results": results, "rounds": rounds, "skipped": skipped,
         "targets": targets})
     _plot(args.out.with_suffix(".png"), results)
     _print_report(args, results, rounds, skipped, targets)
+    print(describe_wakeup(machine["thread_wakeup_us"]))
     return 1 if any(result["errors"] for result in [*results, *_round_figures(rounds)]) else 0
 
 

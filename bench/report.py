@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.wakeup import thread_wakeup_us
+
 
 @dataclass(frozen=True, slots=True)
 class Column:
@@ -80,8 +82,9 @@ def print_errors(rows: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
 
 
 def environment() -> dict[str, Any]:
-    """Enough about the machine to tell two result files apart."""
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    """Enough about the machine to tell two result files apart, and how fast it wakes a thread (bench/wakeup.py)."""
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "thread_wakeup_us": thread_wakeup_us()}
 
 
 def write_json(path: Path, document: Mapping[str, Any]) -> None:

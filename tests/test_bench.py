@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from bench.http_connection import parse_head
 from bench.latency import RequestFailed
 from bench.load import Load
 from bench.targets import grpc_predict, seeded_rows
+from bench.wakeup import thread_wakeup_us
 
 PERCENTILE_KEYS = {"p50", "p90", "p99", "p99.9"}
 
@@ -32,6 +35,20 @@ def run_bench(scenario: str, out: Path, seconds: str, *args: str, warmup: str = 
         check=False, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     return finished.stdout, json.loads(out.read_text())
+
+
+def assert_wakeup_reported(printed: str, report: dict) -> None:
+    """The latency benchmarks print and keep how fast the machine wakes a thread (bench/wakeup.py)."""
+    figures = report["environment"]["thread_wakeup_us"]
+    assert 0 < figures["p50"] <= figures["p90"] <= figures["p99"]
+    assert "machine: a thread woken after 2 ms asleep answers in p50 " in printed
+
+
+def test_the_wakeup_probe_leaves_no_thread_or_descriptor_behind() -> None:
+    threads, descriptors = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    figures = thread_wakeup_us(samples=20)
+    assert set(figures) == {"p50", "p90", "p99"} and 0 < figures["p50"] <= figures["p90"] <= figures["p99"]
+    assert (threading.active_count(), len(os.listdir("/proc/self/fd"))) == (threads, descriptors)
 
 
 @pytest.mark.parametrize("value", [0, 1, 255, 256, 257, 511, 512, 1000, 123_456, 10**9, 2**40 + 12345, 2**63])
@@ -181,6 +198,7 @@ def test_backend_efficiency_quick_measures_every_part_or_says_why_not(demo_model
     assert set(report["ratios"]["c_over_d_requests_per_s"]) == {"rest_1x64"}
     assert out.with_suffix(".png").stat().st_size > 0
     assert "vs (a)" in printed and "(c)/(d) requests/s" in printed
+    assert_wakeup_reported(printed, report)
     grpc_rows = [result for result in served if result["key"].startswith("grpc")]
     assert grpc_rows and {result["generator"] for result in grpc_rows} == {"h2load" if h2load_path() else "bench.load"}
 
@@ -272,6 +290,7 @@ def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo
     assert report["targets"]["workers"]["two_over_one"] > 0 and "2 gateway workers / 1: throughput at 32 = " in printed
     assert report["targets"]["auth"]["throughput_ratio"] is not None  # (d): every request was authenticated
     assert "auth + rate limits on / off: throughput at 32 = " in printed
+    assert_wakeup_reported(printed, report)
 
 
 def test_degraded_backend_runs_capacity_then_each_balancer_and_nginx_or_says_why_not(demo_models: Path,
@@ -301,3 +320,4 @@ def test_degraded_backend_runs_capacity_then_each_balancer_and_nginx_or_says_why
     assert {"ratio", "bound", "met", "least_latency_p99_us", "nginx_p99_us"} <= set(report["target"])
     assert out.with_suffix(".png").stat().st_size > 0
     assert "least_latency p99 / nginx p99 = " in printed
+    assert_wakeup_reported(printed, report)
