@@ -8,6 +8,7 @@ await is bounded by the same deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from concurrent.futures import Executor
 from typing import Callable, TypeVar
@@ -19,35 +20,66 @@ from backend.errors import DeadlineExceeded
 T = TypeVar("T")
 
 
+def hand_off(executor: Executor, work: Callable[[], T], deliver: Callable[[T | None, Exception | None], None]) -> None:
+    """Run `work` on the executor; `deliver(result, error)` gets its outcome back on this event loop in one callback.
+
+    Why not `await loop.run_in_executor(...)`: its future is settled by one loop callback and wakes its awaiter with
+    another, and a deadline on it (wait_for) adds a third; under load each turn waits behind a pass over every
+    readable connection. One `call_soon_threadsafe` from the thread delivers on the next turn. Nothing is delivered
+    once the loop is closed (shutdown: nobody waits)."""
+    loop = asyncio.get_running_loop()
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = work()
+        except Exception as failure:  # delivered as it is: the waiter turns it into its answer
+            error = failure
+        try:
+            loop.call_soon_threadsafe(deliver, result, error)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    executor.submit(run)
+
+
 async def run_before_deadline(executor: Executor, deadline: float | None, work: Callable[[], T],
                               expired_message: str = "Deadline Exceeded") -> T:
-    """Run `work` on the executor unless `deadline` (time.monotonic() seconds; None: none) passes first."""
-    return await finish_before_deadline(start_before_deadline(executor, deadline, work, expired_message), deadline,
-                                        expired_message)
-
-
-def start_before_deadline(executor: Executor, deadline: float | None, work: Callable[[], T],
-                          expired_message: str = "Deadline Exceeded") -> asyncio.Future[T]:
-    """Hand `work` to the executor now, without yielding to the event loop; it is skipped if `deadline` has passed
-    by the time a thread takes it."""
+    """Run `work` on the executor unless `deadline` (time.monotonic() seconds; None: none) passes first: skipped if
+    it passes while `work` waits for a thread, and the await ends when it passes."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(expired_message)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
 
     def guarded() -> T:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(expired_message)
         return work()
 
-    if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceeded(expired_message)
-    return asyncio.get_running_loop().run_in_executor(executor, guarded)
-
-
-async def finish_before_deadline(future: asyncio.Future[T], deadline: float | None,
-                                 expired_message: str = "Deadline Exceeded") -> T:
-    """Await work started by start_before_deadline, for no longer than `deadline`."""
+    hand_off(executor, guarded, functools.partial(_settle, future))
+    expiry = None if deadline is None else loop.call_at(loop.time() + deadline - time.monotonic(), _expire, future,
+                                                         expired_message)
     try:
-        return await asyncio.wait_for(future, None if deadline is None else deadline - time.monotonic())
-    except TimeoutError:
-        raise DeadlineExceeded(expired_message) from None
+        return await future
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+
+
+def _settle(future: asyncio.Future[T], result: T | None, error: Exception | None) -> None:
+    if future.done():  # expired, or its awaiter was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]  # `work` returned it: a T
+
+
+def _expire(future: asyncio.Future[T], message: str) -> None:
+    """The error is made only when the deadline passes, not up front for every call's timer."""
+    if not future.done():
+        future.set_exception(DeadlineExceeded(message))
 
 
 # A client whose deadline passes cancels the call itself; the server computed the same deadline from grpc-timeout a
