@@ -37,7 +37,7 @@ import numpy as np
 from backend import errors, inference
 from backend.batching import Batch, BatchPolicy, BatchQueue, Task
 from backend.batching_config import BatchingParameters
-from backend.deadlines import hand_off
+from backend.deadlines import expire, hand_off
 from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.runners import DirectRunner
@@ -124,7 +124,8 @@ class Batcher:
         # A timer instead of wait_for(): no extra task per call. Past the deadline the caller gets its answer at
         # once, and the queue drops the call before it runs; a caller cancelled (client gone) cancels the future,
         # which the queue skips too.
-        expiry = None if deadline is None else loop.call_at(loop.time() + deadline - self._clock(), _expire, future)
+        expiry = None if deadline is None else loop.call_at(loop.time() + deadline - self._clock(), expire, future,
+                                                            _EXPIRED)
         try:
             return await future
         finally:
@@ -169,7 +170,7 @@ class Batcher:
         started = self._clock()
         batch = queue.take(started)
         for task in batch.expired:
-            _expire(task.payload.future)
+            expire(task.payload.future, _EXPIRED)
         if not batch.tasks:
             threads.release()
             return
@@ -246,12 +247,6 @@ def _fail_batch(batch: Batch[_Pending], error: Exception) -> None:
         error = errors.Internal(f"batch failed: {error}")
     for task in batch.tasks:
         _fail(task.payload.future, error)
-
-
-def _expire(future: asyncio.Future[dict[str, np.ndarray]]) -> None:
-    """The error is made only when a deadline passes, not up front for every call's timer (a rare case)."""
-    if not future.done():
-        future.set_exception(errors.DeadlineExceeded(_EXPIRED))
 
 
 def _run_merged(calls: list[ModelCall], padded_rows: int, pad_lengths: bool) -> list[dict[str, np.ndarray]]:

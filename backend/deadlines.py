@@ -58,7 +58,7 @@ async def run_before_deadline(executor: Executor, deadline: float | None, work: 
         return work()
 
     hand_off(executor, guarded, functools.partial(_settle, future))
-    expiry = None if deadline is None else loop.call_at(loop.time() + deadline - time.monotonic(), _expire, future,
+    expiry = None if deadline is None else loop.call_at(loop.time() + deadline - time.monotonic(), expire, future,
                                                          expired_message)
     try:
         return await future
@@ -76,7 +76,7 @@ def _settle(future: asyncio.Future[T], result: T | None, error: Exception | None
         future.set_result(result)  # type: ignore[arg-type]  # `work` returned it: a T
 
 
-def _expire(future: asyncio.Future[T], message: str) -> None:
+def expire(future: asyncio.Future[T], message: str) -> None:
     """The error is made only when the deadline passes, not up front for every call's timer."""
     if not future.done():
         future.set_exception(DeadlineExceeded(message))
