@@ -1,10 +1,11 @@
 """How long this machine takes to wake a sleeping thread: a benchmark's latencies include it several times over.
 
 Why: on a virtual machine an idle vCPU halts, and waking it goes through the hypervisor. On this project's CI-class
-machines a pipe round trip to a thread that slept 2 ms took ~0.1 ms at the median but 3-6 ms at the p99, against
-0.03 ms when the thread never slept. A served request crosses such wake-ups several times (client → event loop →
-batch thread → event loop → client; more through the gateway), so a p99 target of a few milliseconds can be out of
-reach for reasons outside tfgate. Each latency benchmark prints this figure beside its own.
+machine a pipe round trip to a thread that slept 2 ms took ~0.1 ms at the median, and at the p99 3-6 ms in a busy
+spell (15-30% steal) but 0.2 ms in a quiet one the same day; 0.03 ms when the thread never slept. A served request
+crosses such wake-ups several times (client → event loop → batch thread → event loop → client; more through the
+gateway), so in a busy spell a p99 target of a few milliseconds can be out of reach for reasons outside tfgate.
+Each latency benchmark prints this figure beside its own.
 
 How: a thread echoes one byte over a pair of pipes; the caller sleeps IDLE_S between round trips (so the echoing
 thread's CPU may go idle), and times each with time.perf_counter_ns.
