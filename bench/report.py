@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.wakeup import thread_wakeup_us
+from bench.wakeup import cold_pass_ratio, thread_wakeup_us
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +82,10 @@ def print_errors(rows: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
 
 
 def environment() -> dict[str, Any]:
-    """Enough about the machine to tell two result files apart, and how fast it wakes a thread (bench/wakeup.py)."""
+    """Enough about the machine to tell two result files apart, and what a thread pays on it for having slept
+    (bench/wakeup.py)."""
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "thread_wakeup_us": thread_wakeup_us()}
+            "thread_wakeup_us": thread_wakeup_us(), "cold_pass_ratio": cold_pass_ratio()}
 
 
 def write_json(path: Path, document: Mapping[str, Any]) -> None:
