@@ -37,7 +37,7 @@ import numpy as np
 from backend import errors, inference
 from backend.batching import Batch, BatchPolicy, BatchQueue, Task
 from backend.batching_config import BatchingParameters
-from backend.deadlines import expire, hand_off
+from backend.deadlines import await_before, expire, hand_off
 from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.runners import DirectRunner
@@ -121,16 +121,9 @@ class Batcher:
                 await threads.acquire()
                 self._start_batch(queue, threads)
             lane.wake.set()
-        # A timer instead of wait_for(): no extra task per call. Past the deadline the caller gets its answer at
-        # once, and the queue drops the call before it runs; a caller cancelled (client gone) cancels the future,
-        # which the queue skips too.
-        expiry = None if deadline is None else loop.call_at(loop.time() + deadline - self._clock(), expire, future,
-                                                            _EXPIRED)
-        try:
-            return await future
-        finally:
-            if expiry is not None:
-                expiry.cancel()
+        # Past the deadline the caller gets its answer at once, and the queue drops the call before it runs; a caller
+        # cancelled (client gone) cancels the future, which the queue skips too.
+        return await await_before(future, deadline, self._clock(), _EXPIRED)
 
     def _lane(self, call: ModelCall, parameters: BatchingParameters) -> _Lane:
         pad = parameters.pad_variable_length_inputs
