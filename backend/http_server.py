@@ -1,10 +1,14 @@
-"""A lean HTTP/1.1 server for the REST API: an asyncio.Protocol on httptools (llhttp, the C parser uvicorn uses) that
+"""A lean HTTP/1.1 server for the REST API: an asyncio protocol on httptools (llhttp, the C parser uvicorn uses) that
 hands each complete request to one async handler and writes each response with one `transport.write`.
 
 Why not aiohttp: under many small predicts its request/response machinery cost ~500 µs of event-loop Python per
 request, and the REST layer needs nothing of it but one catch-all handler.
 
-How it works: the parser's callbacks assemble a request (body by Content-Length or chunks) and queue it on its
+How it works: the connection reads into one buffer its server owns (asyncio's BufferedProtocol): the parser copies
+out what it keeps before the next read reuses it. Over TLS that matters: a plain Protocol makes uvloop allocate
+256 KiB per read for the decrypted bytes, which glibc serves with mmap, a page fault, mremap and munmap unless
+earlier large frees happened to raise its mmap threshold (measured: ~20% of a small proxy's CPU). The parser's
+callbacks assemble a request (body by Content-Length or chunks) and queue it on its
 connection. One worker task per busy connection answers the queue in order (pipelining); reading is paused until the
 queue is empty, so a client can never have more than one read's worth of requests in memory, and after each
 response the worker waits until the transport's write buffer drains below its high-water mark.
@@ -83,6 +87,7 @@ _KEEP_ALIVE = "Connection: keep-alive\r\n"  # HTTP/1.0 closes without it
 _INTERNAL_ERROR = "Internal error while serving the request; see the server log"
 _MAX_HEADER_FIELDS = 100  # distinct names; as nginx's and Go's servers, a bound on per-request header work
 _MAX_HEAD_BYTES = 64 * 1024  # llhttp does not bound the request line and headers; checked after each read
+_READ_BUFFER_BYTES = 256 * 1024  # as uvloop's own read buffer: a big body takes few reads
 # What a connection waits for from its client, which decides the deadline that applies.
 _HEAD, _BODY, _NEXT, _LINGER = "head", "body", "next request", "linger"
 
@@ -124,6 +129,8 @@ class HttpServer:
         self._port = 0
         self._connections: set[_Connection] = set()  # open, or still running a handler
         self._all_gone: asyncio.Future[None] | None = None  # made by shutdown()
+        # Every connection reads into this: each read is parsed before the next one, on the one event loop.
+        self.read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
 
     def set_limits(self, *, max_body_bytes: int, header_timeout_s: float, keepalive_timeout_s: float) -> None:
         """New limits for requests from now on (a config reload); connections keep the deadline already armed."""
@@ -181,7 +188,7 @@ class HttpServer:
             self._all_gone.set_result(None)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client connection: parser callbacks in, one worker task out while there is anything to answer."""
 
     def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
@@ -211,7 +218,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
-    # -- asyncio.Protocol -------------------------------------------------------------------------------------
+    # -- asyncio.BufferedProtocol ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -235,7 +242,11 @@ class _Connection(asyncio.Protocol):
         if self._worker is None:  # otherwise the worker, still running its handler, forgets us when it ends
             self._server.forget(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._server.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data: memoryview | bytes = self._server.read_buffer[:nbytes]
         while data and not self._done_reading:
             data = self._parse(data)
         self._after_input()
@@ -309,7 +320,7 @@ class _Connection(asyncio.Protocol):
             self._done_reading = True
         self._start_worker()
 
-    def _parse(self, data: bytes) -> bytes:
+    def _parse(self, data: memoryview | bytes) -> bytes:
         """Feed one chunk to the parser; returns what is left to feed (only after a declined upgrade)."""
         try:
             self._parser.feed_data(data)
@@ -398,7 +409,7 @@ class _Connection(asyncio.Protocol):
         self._refuse(413, f"Request body is larger than the limit of {self._server.max_body_bytes} bytes")
         raise _StopParsing
 
-    def _declined_upgrade(self, rest: bytes) -> bytes:
+    def _declined_upgrade(self, rest: memoryview | bytes) -> bytes:
         """The head just parsed, without its Upgrade offer, followed by `rest`, for a fresh parser to read as plain
         HTTP/1.1 (llhttp has no way to decline an upgrade and go on)."""
         parser = self._parser
