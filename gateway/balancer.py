@@ -40,11 +40,11 @@ class PeakEwma:
         self._at: float | None = None  # time of the last sample; None: only the initial guess so far
 
     def observe(self, rtt_s: float, now: float) -> None:
-        current = self.estimate(now)
+        weight = self._decay(now)
+        current = self._value * weight
         if self._at is None or rtt_s >= current:
             self._value = rtt_s  # the first sample replaces the guess; a peak is taken at once
         else:
-            weight = self._decay(now)
             self._value = current * weight + rtt_s * (1.0 - weight)
         self._at = now
 

@@ -82,7 +82,7 @@ class Edge:
         snapshot = self._source.snapshot
         started = self._clock()
         given = request.headers.get("x-request-id", "")
-        record = AccessRecord(request_id=given if _REQUEST_ID.fullmatch(given) else self._ids.next(),
+        record = AccessRecord(request_id=given if given and _REQUEST_ID.fullmatch(given) else self._ids.next(),
                               method=request.method, path=request.path, peer=request.peer,
                               bytes_in=len(request.body))
         attempts = Attempts()
@@ -119,10 +119,11 @@ class Edge:
         match = _MODEL_URL.fullmatch(request.path)
         if match is None:
             raise errors.NotFound(f"No such endpoint: {request.method} {request.path}")
-        name, url_version, url_label = match["name"], match["version"], match["label"]
+        name, url_version, url_label, tail = match.group("name", "version", "label", "tail")
+        tail = tail or ""
         record.model = name
         principal = self._guard.identify(snapshot.authenticator, request.headers, request.peer_certificate, name,
-                                         _METHODS[(match["tail"] or "")[1:].lower()])
+                                         _METHODS[tail[1:].lower()])
         record.principal = principal.name
         version = None if url_version is None else int(url_version)
         decision = snapshot.routes.route(name, version, url_label, self._rng)
@@ -131,7 +132,8 @@ class Edge:
         record.route, record.pool = decision.route, decision.pool
         limit_headers = self._guard.limit(principal, name, decision.route)
         record.version, record.label = decision.version, decision.label
-        path = _upstream_path(request, match, decision)
+        explicit = url_version is not None or url_label is not None
+        path = _upstream_path(request, name, tail, explicit, decision)
         headers = [(key, value) for key, value in request.headers.items() if key not in _NOT_FORWARDED]
         client = request.peer.rsplit(":", 1)[0].strip("[]")
         headers += [("x-request-id", record.request_id), ("x-forwarded-for", client)]
@@ -149,15 +151,13 @@ class Edge:
         return HttpResponse(status=upstream.status, body=upstream.body, content_type=content_type, headers=returned)
 
 
-def _upstream_path(request: HttpRequest, match: re.Match[str], decision: RouteDecision) -> str:
-    """The path sent upstream: as the client wrote it, except that an inference call the split sent to a version
-    or label names it."""
+def _upstream_path(request: HttpRequest, name: str, tail: str, explicit: bool, decision: RouteDecision) -> str:
+    """The path sent upstream: as the client wrote it, except that an inference call (`tail`, the URL's part after
+    the model, version or label) the split sent to a version or label names it; `explicit`: the URL named one."""
     path = request.path
-    tail = match["tail"] or ""
-    explicit = match["version"] is not None or match["label"] is not None
     if tail.startswith(":") and not explicit and (decision.version is not None or decision.label is not None):
         chosen = f"/versions/{decision.version}" if decision.version is not None else f"/labels/{decision.label}"
-        path = f"/v1/models/{match['name']}{chosen}{tail}"
+        path = f"/v1/models/{name}{chosen}{tail}"
     if not _QUOTED_AS_IS.fullmatch(path):
         path = quote(path, safe="/:")  # the server handed us the decoded path
     return f"{path}?{request.query}" if request.query else path

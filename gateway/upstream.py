@@ -192,24 +192,24 @@ class Upstreams:
         retry follows it. Errors of our own say what happened in general terms; the backend and the cause go to
         `attempts.detail`, for the access log, not to the client."""
         budget, limit = pool.budget, pool.config.retries.attempts
-        budget.record_request(self._clock())
+        now = self._clock()  # read once per attempt and once after it: the clock is not free at this rate
+        budget.record_request(now)
         answer: T | None = None
         error_of_ours: errors.GatewayError | None = None
-        backend = self._pick(pool, attempts.tried, self._clock())
+        backend = self._pick(pool, attempts.tried, now)
         while backend is not None:
-            now = self._clock()
             remaining = deadline - now
             if remaining <= 0:
                 raise errors.GatewayTimeout("Request timed out before a backend answered")
             attempts.count += 1
             attempts.tried.append(backend)
             attempts.upstream = backend.name
-            started = self._clock()
+            started = now
             backend.load.start()
             try:
                 answer, error_of_ours = await send(backend, remaining), None
             except UpstreamError as error:
-                self._finish(pool, backend, started, ok=False, attempts=attempts)
+                now = self._finish(pool, backend, started, ok=False, attempts=attempts)
                 attempts.detail = f"backend {backend.name}: {error}"
                 if error.kind == "timeout":
                     raise errors.GatewayTimeout("The backend did not answer in time") from None
@@ -218,11 +218,11 @@ class Upstreams:
                     raise error_of_ours from None
             else:
                 bad = failed(answer)
-                self._finish(pool, backend, started, ok=not bad, attempts=attempts)
+                now = self._finish(pool, backend, started, ok=not bad, attempts=attempts)
                 if not bad:
                     return answer
-            backend = self._pick(pool, attempts.tried, self._clock()) if attempts.count < limit else None
-            if backend is not None and not budget.try_retry(self._clock()):
+            backend = self._pick(pool, attempts.tried, now) if attempts.count < limit else None
+            if backend is not None and not budget.try_retry(now):
                 self._metrics.retry_refused(pool.name)
                 backend = None
             if backend is not None:
@@ -237,13 +237,14 @@ class Upstreams:
     def _pick(self, pool: PoolRuntime, tried: Sequence[BackendRuntime], now: float) -> BackendRuntime | None:
         usable, _panic = candidates([(backend, backend.state(now)) for backend in pool.backends],
                                     pool.config.panic_threshold_percent)
-        fresh = [backend for backend in usable if backend not in tried]
+        fresh = [backend for backend in usable if backend not in tried] if tried else usable
         if not fresh:
             return None
         return pool.balancer.pick(fresh, _load_of, now)
 
     def _finish(self, pool: PoolRuntime, backend: BackendRuntime, started: float, *, ok: bool,
-                attempts: Attempts) -> None:
+                attempts: Attempts) -> float:
+        """Account the attempt that began at `started`; returns the time it ended."""
         now = self._clock()
         elapsed = now - started
         attempts.upstream_s += elapsed
@@ -256,6 +257,7 @@ class Upstreams:
                         pool.config.outlier.consecutive_failures)
             self._metrics.ejected(pool=pool.name, upstream=backend.name)
             self._metrics.set_state(pool=pool.name, upstream=backend.name, state="ejected")
+        return now
 
     def describe(self, now: float) -> dict[str, list[dict[str, object]]]:
         """GET /admin/backends: every pool's backends with their state and load."""
