@@ -7,8 +7,9 @@ with {"instances": [1.0, 2.0, 5.0]}. Three ways to reach it:
   (b) gateway  HTTPS to `python -m gateway` (its own process): one pool of the one backend, round_robin, no
                upstream header, its JSON access lines written to a file
   (c) nginx    HTTPS to nginx with the same certificates, TLS 1.2+, one worker process (the gateway is one),
-               `keepalive 64` to the backend over HTTP/1.1, no access log; skipped, with the reason, if nginx is
-               not installed
+               `keepalive 64` to the backend over HTTP/1.1, doing the gateway's job besides: a request id made,
+               sent upstream and returned, and a buffered JSON access line per request (bench/proxies.py);
+               skipped, with the reason, if nginx is not installed
   (d) gateway, auth + rate limits   (b) with authentication required: every request carries an API key and
                passes three token buckets (the key's own, the default, the model's cap), all set high enough
                never to refuse, so the row shows what the checks cost
@@ -141,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
                 interleaved["nginx"] = _rest(proxy, certs)
             rounds = _rounds(interleaved, args)
         document["gateway_access_log_lines"] = sum(1 for _ in access_log.open("rb"))
+        if nginx is not None:
+            document["nginx_access_log_lines"] = proxy.access_lines
         two = gateway_config(certs, [backend_address], "round_robin", free_port(), free_port(), workers=2)
         with GatewayProcess(two, work, work / "access-2.log") as gateway:
             results += _measure("gateway_2", gateway.wait_ready(), _rest(gateway, certs), backend, args)

@@ -262,6 +262,7 @@ def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo
                                                    "direct_grpc", "gateway_grpc", "nginx_grpc"}
         assert report["targets"]["grpc"]["gateway_over_nginx"] > 0
         assert report["nginx"]["version"] and report["targets"]["throughput"]["met"] in (True, False)
+        assert report["nginx_access_log_lines"] > 0  # nginx logs each request, as the gateway does
     assert {result["key"] for result in report["results"]} == {f"{name}_{n}" for name in contenders for n in (1, 32)}
     for result in report["results"]:
         assert result["count"] > 0 and result["errors"] == 0, (result["label"], result["first_error"])
