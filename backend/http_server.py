@@ -8,10 +8,10 @@ How it works: the connection reads into one buffer its server owns (asyncio's Bu
 out what it keeps before the next read reuses it. Over TLS that matters: a plain Protocol makes uvloop allocate
 256 KiB per read for the decrypted bytes, which glibc serves with mmap, a page fault, mremap and munmap unless
 earlier large frees happened to raise its mmap threshold (measured: ~20% of a small proxy's CPU). The parser's
-callbacks assemble a request (body by Content-Length or chunks) and queue it on its
-connection. One worker task per busy connection answers the queue in order (pipelining); reading is paused until the
-queue is empty, so a client can never have more than one read's worth of requests in memory, and after each
-response the worker waits until the transport's write buffer drains below its high-water mark.
+callbacks assemble a request (body by Content-Length or chunks) and queue it on its connection. One worker task
+per busy connection answers the queue in order (pipelining); reading is paused until the queue is empty, so a
+client can never have more than one read's worth of requests in memory, and after each response the worker waits
+until the transport's write buffer drains below its high-water mark.
 
 What it guarantees:
 - A body over `max_body_bytes` gets 413 (before any 100 Continue, or as soon as the chunks pass the limit), a

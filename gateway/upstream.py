@@ -192,7 +192,7 @@ class Upstreams:
         retry follows it. Errors of our own say what happened in general terms; the backend and the cause go to
         `attempts.detail`, for the access log, not to the client."""
         budget, limit = pool.budget, pool.config.retries.attempts
-        now = self._clock()  # read once per attempt and once after it: the clock is not free at this rate
+        now = self._clock()  # read here and after each attempt (_finish returns it): not per step
         budget.record_request(now)
         answer: T | None = None
         error_of_ours: errors.GatewayError | None = None
