@@ -26,7 +26,8 @@ up, each round runs both loops on each of them in turn for --seconds / --rounds,
 its per-round figures. A noisy spell of this shared machine (see "steal") then spoils one round, not the one
 contender that happened to run through it, as it can in the table (measured: direct rows at 8-12% steal once made
 nginx "add" -0.012 ms). nginx's added p50 is printed beside them for comparison. Reported as met or not,
-never asserted.
+never asserted. The rounds also give each proxy's CPU time per request at 32 in flight: what it costs to run,
+and a figure that moves far less than throughput when the machine is noisy.
 "gen CPU" is the load generator's own share of one core, "backend CPU" and "proxy CPU" the backend's and the
 gateway's or nginx's (with its worker), averaged over the loop and its warm-up: all share the machine's cores;
 "steal" is the machine's CPU time its hypervisor gave to other guests meanwhile (above ~1%: a noisy moment).
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             grpc_port = int(config["listen"]["grpc"].rpartition(":")[2])
             results += _measure("gateway_grpc", gateway, _grpc(grpc_port, certs), backend, args)
             interleaved = {"direct": _rest(backend, None), "gateway": _rest(gateway, certs)}
+            proxies: dict[str, ServerProcess] = {"gateway": gateway}
             if nginx is None:
                 skipped["nginx"] = NGINX_MISSING if args.nginx is None else f"{args.nginx} is not an executable"
             else:
@@ -140,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
                 results += _measure("nginx", proxy.wait_ready(), _rest(proxy, certs), backend, args)
                 results += _measure("nginx_grpc", proxy, _grpc(proxy.grpc_port, certs), backend, args)
                 interleaved["nginx"] = _rest(proxy, certs)
-            rounds = _rounds(interleaved, args)
+                proxies["nginx"] = proxy
+            rounds = _rounds(interleaved, proxies, args)
         document["gateway_access_log_lines"] = sum(1 for _ in access_log.open("rb"))
         if nginx is not None:
             document["nginx_access_log_lines"] = proxy.access_lines
@@ -195,9 +198,12 @@ def _measure(contender: str, server: ServerProcess, target: Target, backend: Ser
     return results
 
 
-def _rounds(targets: Mapping[str, Target], args: argparse.Namespace) -> list[dict[str, dict[str, Any]]]:
-    """Per round, `{"<contender>_<concurrency>": {label, requests_per_s, p50_ms, host_steal, errors, first_error}}`:
-    both loops on each contender in turn, --seconds / --rounds each."""
+def _rounds(targets: Mapping[str, Target], proxies: Mapping[str, ServerProcess], args: argparse.Namespace
+            ) -> list[dict[str, dict[str, Any]]]:
+    """Per round, `{"<contender>_<concurrency>": {label, requests_per_s, p50_ms, proxy_cpu_us, host_steal, errors,
+    first_error}}`: both loops on each contender in turn, --seconds / --rounds each. `proxy_cpu_us` is the CPU time
+    the contender's proxy process (in `proxies`) spent per request, in µs: unlike throughput, which moves with
+    whatever else the machine runs, it stays within a few percent from round to round."""
     seconds = args.seconds / args.rounds
     rounds = []
     for index in range(1, args.rounds + 1):
@@ -205,15 +211,28 @@ def _rounds(targets: Mapping[str, Target], args: argparse.Namespace) -> list[dic
         for contender, target in targets.items():
             for concurrency in CONCURRENCIES:
                 label = f"round {index}/{args.rounds}: {CONTENDERS[contender]}, {concurrency} in flight"
-                with CpuMeter({}) as cpu:
+                watched = {"proxy": proxies[contender]} if contender in proxies else {}
+                with CpuMeter(watched) as cpu:
                     summary = run_load(target, Load(concurrency, None, seconds, min(args.warmup, seconds)), label)
                 p50_us = summary["latency_us"]["p50"]
                 figures[f"{contender}_{concurrency}"] = {
                     "label": label, "requests_per_s": summary["requests_per_s"],
-                    "p50_ms": None if p50_us is None else p50_us / 1e3, "host_steal": cpu.shares["host_steal"],
+                    "p50_ms": None if p50_us is None else p50_us / 1e3,
+                    "proxy_cpu_us": _per_request_us(cpu.shares.get("proxy"), summary["requests_per_s"]),
+                    "host_steal": cpu.shares["host_steal"],
                     "errors": summary["errors"], "first_error": summary["first_error"]}
         rounds.append(figures)
     return rounds
+
+
+def _per_request_us(share: float | None, requests_per_s: float) -> float | None:
+    """CPU µs per request from a share of one core at a rate (the share spans the warm-up too, at the same load)."""
+    return None if share is None or not requests_per_s else share / requests_per_s * 1e6
+
+
+def _proxy_cpu_of_rounds(rounds: list[dict[str, dict[str, Any]]], contender: str) -> dict[str, Any]:
+    return _median_of_rounds(rounds, lambda figures: _in_round(figures, contender, THROUGHPUT_CONCURRENCY,
+                                                               "proxy_cpu_us"))
 
 
 def _median_of_rounds(rounds: list[dict[str, dict[str, Any]]],
@@ -258,6 +277,7 @@ def _targets(results: list[dict[str, Any]], rounds: list[dict[str, dict[str, Any
         *(_in_round(figures, name, THROUGHPUT_CONCURRENCY, "requests_per_s") for name in ("gateway", "nginx"))))
     gateway_added = _median_of_rounds(rounds, lambda figures: _added_in_round(figures, "gateway"))
     nginx_added = _median_of_rounds(rounds, lambda figures: _added_in_round(figures, "nginx"))
+    proxy_cpu = {name: _proxy_cpu_of_rounds(rounds, name) for name in ("gateway", "nginx")}
     with_auth, without_auth = p50_ms("gateway_auth"), p50_ms("gateway")
     auth_added = None if with_auth is None or without_auth is None else with_auth - without_auth
     return {
@@ -269,6 +289,9 @@ def _targets(results: list[dict[str, Any]], rounds: list[dict[str, dict[str, Any
                       "met": None if gateway_added["median"] is None else
                       gateway_added["median"] <= ADDED_P50_TARGET_MS,
                       "nginx_added_ms": nginx_added["median"], "nginx_rounds_ms": nginx_added["rounds"]},
+        "proxy_cpu": {"concurrency": THROUGHPUT_CONCURRENCY, "gateway_us": proxy_cpu["gateway"]["median"],
+                      "gateway_rounds_us": proxy_cpu["gateway"]["rounds"], "nginx_us": proxy_cpu["nginx"]["median"],
+                      "nginx_rounds_us": proxy_cpu["nginx"]["rounds"]},
         "auth": {"throughput_ratio": ratio(requests_per_s("gateway_auth"), requests_per_s("gateway")),
                  "added_p50_ms": auth_added},
         "workers": {"two_over_one": ratio(requests_per_s("gateway_2"), requests_per_s("gateway"))},
@@ -303,6 +326,11 @@ def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], round
           f"{added['target_ms']:g} ms): {verdict(added['met'])}")
     print(f"nginx added p50 at {added['concurrency']} connection, the same way = {number(added['nginx_added_ms'], 3)} "
           f"ms (rounds: {_figures(added['nginx_rounds_ms'])}; for comparison)")
+    cpu = targets["proxy_cpu"]
+    over_nginx = number(ratio(cpu["gateway_us"], cpu["nginx_us"]), 2)
+    print(f"proxy CPU per request at {cpu['concurrency']}, {medians}: gateway {number(cpu['gateway_us'], 0)} µs "
+          f"(rounds: {_figures(cpu['gateway_rounds_us'], 0)}), nginx {number(cpu['nginx_us'], 0)} µs (rounds: "
+          f"{_figures(cpu['nginx_rounds_us'], 0)}); gateway / nginx = {over_nginx}")
     auth = targets["auth"]
     print(f"auth + rate limits on / off: throughput at {throughput['concurrency']} = "
           f"{number(auth['throughput_ratio'], 3)}, p50 added at {added['concurrency']} connection = "
@@ -321,5 +349,5 @@ def _round_figures(rounds: list[dict[str, dict[str, Any]]]) -> list[dict[str, An
     return [figure for figures in rounds for figure in figures.values()]
 
 
-def _figures(values: list[float | None]) -> str:
-    return ", ".join(number(value, 3) for value in values)
+def _figures(values: list[float | None], digits: int = 3) -> str:
+    return ", ".join(number(value, digits) for value in values)

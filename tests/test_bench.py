@@ -289,6 +289,9 @@ def test_gateway_overhead_measures_direct_gateway_and_nginx_or_says_why_not(demo
     assert len(report["targets"]["throughput"]["rounds"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
     assert "gateway throughput / nginx throughput at 32, median of 2 interleaved rounds = " in printed
+    cpu = report["targets"]["proxy_cpu"]
+    assert cpu["gateway_us"] > 0 and len(cpu["gateway_rounds_us"]) == 2 and "proxy CPU per request at 32, " in printed
+    assert cpu["nginx_us"] > 0 if "nginx" in contenders else cpu["nginx_us"] is None
     assert "gateway added p50 at 1 connection = gateway p50 - direct p50, median of 2 interleaved rounds = " in printed
     assert report["targets"]["workers"]["two_over_one"] > 0 and "2 gateway workers / 1: throughput at 32 = " in printed
     assert report["targets"]["auth"]["throughput_ratio"] is not None  # (d): every request was authenticated
