@@ -37,7 +37,7 @@ import numpy as np
 from backend import errors, inference
 from backend.batching import Batch, BatchPolicy, BatchQueue, Task
 from backend.batching_config import BatchingParameters
-from backend.deadlines import await_before, expire, hand_off
+from backend.deadlines import await_before, expire, hand_off, unless_expired
 from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.runners import DirectRunner
@@ -172,13 +172,8 @@ class Batcher:
         latest = None if None in deadlines else max(d for d in deadlines if d is not None)
         pad = (calls[0].servable.batching or self._parameters).pad_variable_length_inputs
         running = _Running(batch, threads, started)
-
-        def run() -> list[dict[str, np.ndarray]]:
-            """On the batch thread: skipped if every caller's deadline passed while it waited for the thread."""
-            if latest is not None and time.monotonic() >= latest:
-                raise errors.DeadlineExceeded(_EXPIRED)
-            return _run_merged(calls, batch.padded_rows, pad)
-
+        # Skipped on the batch thread if every caller's deadline passed while it waited for the thread.
+        run = unless_expired(latest, lambda: _run_merged(calls, batch.padded_rows, pad), _EXPIRED)
         self._running.add(running)
         try:
             hand_off(self._executor, run, functools.partial(self._deliver, running))

@@ -49,16 +49,20 @@ async def run_before_deadline(executor: Executor, deadline: float | None, work: 
     it passes while `work` waits for a thread, and the await ends when it passes."""
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded(expired_message)
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    hand_off(executor, unless_expired(deadline, work, expired_message), functools.partial(_settle, future))
+    return await await_before(future, deadline, time.monotonic(), expired_message)
 
+
+def unless_expired(deadline: float | None, work: Callable[[], T], expired_message: str) -> Callable[[], T]:
+    """`work`, for a thread that takes it up: raises DeadlineExceeded instead if `deadline` (time.monotonic()) has
+    passed by then, so work nobody waits for any more is not done."""
     def guarded() -> T:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(expired_message)
         return work()
 
-    hand_off(executor, guarded, functools.partial(_settle, future))
-    return await await_before(future, deadline, time.monotonic(), expired_message)
+    return guarded
 
 
 async def await_before(future: asyncio.Future[T], deadline: float | None, now: float, expired_message: str) -> T:

@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         "share_targets": share_targets})
     _plot(args.out.with_suffix(".png"), results, ceiling)
     _print_report(args, results, skipped, ratios, ceiling, target)
-    print(describe_wakeup(machine["thread_wakeup_us"], machine["cold_pass_ratio"]))
+    print(describe_wakeup(machine))
     for key, figures in share_targets.items():
         print(_describe_share_target(key, figures))
     failed = any(result["errors"] for result in results) or any(any(entry["errors"].values()) for entry in rounds)

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         "environment": machine, "results": results, "skipped": skipped, "target": target})
     _plot(args.out.with_suffix(".png"), results, args.delay_ms, rate)
     _print_report(args, results, skipped, target, rate)
-    print(describe_wakeup(machine["thread_wakeup_us"], machine["cold_pass_ratio"]))
+    print(describe_wakeup(machine))
     return 1 if any(result["errors"] for result in results) else 0
 
 

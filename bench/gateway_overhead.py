@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         "targets": targets})
     _plot(args.out.with_suffix(".png"), results)
     _print_report(args, results, rounds, skipped, targets)
-    print(describe_wakeup(machine["thread_wakeup_us"], machine["cold_pass_ratio"]))
+    print(describe_wakeup(machine))
     return 1 if any(result["errors"] for result in [*results, *_round_figures(rounds)]) else 0
 
 

@@ -26,6 +26,8 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -82,8 +84,10 @@ def cold_pass_ratio(samples: int = 60) -> float:
     return median_pass_ns(_COLD_IDLE_S) / warm
 
 
-def describe_wakeup(figures: dict[str, float | None], cold_ratio: float | None) -> str:
-    """One line for a report."""
+def describe_wakeup(machine: Mapping[str, Any]) -> str:
+    """One line for a report, from the `thread_wakeup_us` and `cold_pass_ratio` of bench.report.environment()."""
+    figures, cold_ratio = machine["thread_wakeup_us"], machine["cold_pass_ratio"]
+
     def ms(key: str) -> str:
         value = figures.get(key)
         return "-" if value is None else f"{value / 1000:.2f}"
