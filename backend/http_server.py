@@ -357,7 +357,14 @@ class _Connection(asyncio.BufferedProtocol):
                     if transport.can_write_eof():
                         transport.write_eof()
                     break
-                response = await self._respond(turn)
+                request = turn.request
+                assert request is not None
+                try:  # the handler awaited here, not in a helper coroutine: one coroutine less per request
+                    response = await self._server.handler(request)
+                except Exception:  # the one place an unexpected error stops: logged in full, never sent to the client
+                    log.exception("unexpected error answering %s %s from %s", request.method, request.path,
+                                  request.peer)
+                    response = HttpResponse(500, self._server.error_body(500, _INTERNAL_ERROR))
                 if not self._lost:
                     transport.write(self._encode(response, turn))
                 if response.after_sent is not None:
@@ -376,15 +383,6 @@ class _Connection(asyncio.BufferedProtocol):
         if not transport.is_closing():
             transport.resume_reading()
             self._after_input()
-
-    async def _respond(self, turn: _Turn) -> HttpResponse:
-        request = turn.request
-        assert request is not None
-        try:
-            return await self._server.handler(request)
-        except Exception:  # the one place an unexpected error stops: logged in full, never sent to the client
-            log.exception("unexpected error answering %s %s from %s", request.method, request.path, request.peer)
-            return HttpResponse(500, self._server.error_body(500, _INTERNAL_ERROR))
 
     def _encode(self, response: HttpResponse, turn: _Turn) -> bytes:
         """Status line, headers and body in one buffer, for one write."""

@@ -10,13 +10,15 @@ How it works (Envoy's model): each backend has one `BackendHealth`, fed two kind
   ejection ends, the backend is back in whatever state its active checks say.
 `candidates` turns a pool's states into the backends to balance over: the healthy ones, or — when fewer than
 `panic_threshold_percent` are healthy — all of them (panic: better to spread the load over maybe-bad backends than
-crush the few good ones), but nothing at all when none is healthy (the caller answers 503).
+crush the few good ones), but nothing at all when none is healthy (the caller answers 503). A pool's states change
+only with a result or when an ejection ends (`states_hold_until`), so its candidates can be kept between requests.
 
 Guarantees: state changes only through the results and `now` given; `reconfigure` keeps counts and ejections.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Literal, Protocol, TypeVar
@@ -96,6 +98,11 @@ class BackendHealth:
         self._passive_failures = 0
         return True
 
+    @property
+    def ejected_until(self) -> float:
+        """When the running (or last) ejection ends; -inf if never ejected."""
+        return self._ejected_until
+
     def state(self, now: float) -> State:
         if now < self._ejected_until:
             return "ejected"
@@ -120,6 +127,12 @@ def candidates(states: Sequence[tuple[T, State]], panic_threshold_percent: float
     if len(healthy) * 100 < panic_threshold_percent * len(states):
         return [backend for backend, _ in states], True
     return healthy, False
+
+
+def states_hold_until(healths: Sequence[BackendHealth], now: float) -> float:
+    """Until when the states of `healths` stay as they are `now` unless a new result comes: the end of the
+    earliest ejection still running (an ejection's end is the one change time alone makes), else +inf."""
+    return min((health.ejected_until for health in healths if health.ejected_until > now), default=math.inf)
 
 
 def may_eject(states: Sequence[State], max_ejected_percent: float) -> bool:

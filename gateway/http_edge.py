@@ -98,20 +98,24 @@ class Edge:
             if snapshot.config.expose_upstream_header and attempts.upstream:
                 extra.append(("x-tfgate-upstream", attempts.upstream))
             response.headers = [*response.headers, *extra]
-        response.after_sent = functools.partial(self._account, record, attempts, response, elapsed)
+        # Not the response itself: it holds this callback, and the cycle would leave every request's objects to the
+        # cyclic garbage collector instead of freeing them as soon as the answer is sent.
+        response.after_sent = functools.partial(self._account, record, attempts, response.status,
+                                                len(response.body), elapsed)
         return response
 
-    def _account(self, record: AccessRecord, attempts: Attempts, response: HttpResponse, elapsed: float) -> None:
+    def _account(self, record: AccessRecord, attempts: Attempts, status: int, bytes_out: int, elapsed: float
+                 ) -> None:
         """The access line and the request's metrics, once the answer is on its way (as nginx's log phase): at one
         request in flight this work would otherwise add its time to every answer."""
-        record.status, record.attempts = response.status, attempts.count
+        record.status, record.attempts = status, attempts.count
         record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
-        record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), len(response.body)
+        record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), bytes_out
         # A model name is a label only once a backend has served it: names clients make up (404s, refused calls)
         # would grow the series without bound.
-        served = bool(attempts.upstream) and 200 <= response.status < 300
+        served = bool(attempts.upstream) and 200 <= status < 300
         self._metrics.observe_request(model=record.model if served else "", route=record.route,
-                                      status=response.status, upstream=attempts.upstream, seconds=elapsed)
+                                      status=status, upstream=attempts.upstream, seconds=elapsed)
         self._access_log.write(record)
 
     async def _forward(self, snapshot: Snapshot, request: HttpRequest, record: AccessRecord,

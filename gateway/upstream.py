@@ -5,7 +5,8 @@ How it works: `Upstreams` keeps one `BackendRuntime` per backend address across 
 the old and the new config keeps its connections, health state and latency estimate. `build()` makes the pools of
 a new config from it; backends that left are closed once the requests still using them finish (or after the
 request timeout). Each backend has one health-check task (GET its readiness path on the interval with jitter).
-`forward()` asks the pool for candidates (healthy ones, or all in panic mode), lets the balancer pick, and sends;
+`forward()` asks the pool for candidates (healthy ones, or all in panic mode; kept between requests until a result
+changes a backend's state or a running ejection ends), lets the balancer pick, and sends;
 a failure before a complete response (connect, reset) or a 502/503 from the backend is retried on a backend not
 tried yet, while attempts, the deadline and the pool's retry budget allow. Every attempt feeds the balancer's load
 and the passive outlier detection.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -27,7 +29,7 @@ from typing import TypeVar
 from gateway import errors
 from gateway.balancer import LeastLatency, PeakEwma, RoundRobin, UpstreamLoad, make_balancer
 from gateway.config import Backend, GatewayConfig, Pool
-from gateway.health import BackendHealth, State, candidates, may_eject, next_check_delay
+from gateway.health import BackendHealth, State, candidates, may_eject, next_check_delay, states_hold_until
 from gateway.metrics import GatewayMetrics
 from gateway.retry_budget import RetryBudget
 from gateway.upstream_http import HttpPool, UpstreamError, UpstreamResponse
@@ -63,6 +65,11 @@ class PoolRuntime:
     backends: tuple[BackendRuntime, ...]
     balancer: RoundRobin | LeastLatency
     budget: RetryBudget
+    # The candidates of the last pick, kept while no backend's state can have changed: computed at `health_epoch`
+    # (Upstreams counts state changes) and valid until `candidates_until` (the earliest running ejection's end).
+    candidates: list[BackendRuntime] = field(default_factory=list)
+    health_epoch: int = -1
+    candidates_until: float = -math.inf
 
     @property
     def name(self) -> str:
@@ -89,6 +96,7 @@ class Upstreams:
         self._backends: dict[str, BackendRuntime] = {}
         self._pools: dict[str, PoolRuntime] = {}
         self._retiring: dict[asyncio.Task[None], BackendRuntime] = {}
+        self._health_epoch = 0  # +1 whenever a result changes a backend's state: pools' kept candidates are stale
 
     def build(self, config: GatewayConfig) -> dict[str, PoolRuntime]:
         """The pools of `config`, reusing the state of every backend already known; starts checks for new ones.
@@ -157,15 +165,19 @@ class Upstreams:
         while True:
             check = pool.health_check
             ok = await self._probe(backend, check.path, check.timeout_s)
-            now = self._clock()
-            before = backend.state(now)
-            backend.health.active_result(ok, now)
-            after = backend.state(now)
-            if after != before:
-                log.warning("backend %s (pool %s) is now %s", backend.name, backend.pool, after)
-                self._metrics.set_state(pool=backend.pool, upstream=backend.name, state=after)
+            self.active_result(backend, ok, self._clock())
             await asyncio.sleep(next_check_delay(check, self._rng))
             pool = self._pools[backend.pool].config if backend.pool in self._pools else pool
+
+    def active_result(self, backend: BackendRuntime, ok: bool, now: float) -> None:
+        """An active check's result; a change of state is logged and exported, and renews the pools' candidates."""
+        before = backend.state(now)
+        backend.health.active_result(ok, now)
+        after = backend.state(now)
+        if after != before:
+            self._health_epoch += 1
+            log.warning("backend %s (pool %s) is now %s", backend.name, backend.pool, after)
+            self._metrics.set_state(pool=backend.pool, upstream=backend.name, state=after)
 
     @staticmethod
     async def _probe(backend: BackendRuntime, path: str, timeout_s: float) -> bool:
@@ -175,14 +187,15 @@ class Upstreams:
             return False
         return response.status == 200
 
-    async def forward(self, pool: PoolRuntime, method: str, path: str, headers: Sequence[tuple[str, str]],
-                      body: bytes, deadline: float, attempts: Attempts) -> UpstreamResponse:
+    def forward(self, pool: PoolRuntime, method: str, path: str, headers: Sequence[tuple[str, str]],
+                body: bytes, deadline: float, attempts: Attempts) -> Awaitable[UpstreamResponse]:
         """Send the HTTP request to a backend of `pool`, retrying as the module docstring says. A backend's own
-        502/503 is returned as it is when no retry follows it."""
+        502/503 is returned as it is when no retry follows it. A plain function returning forward_with's coroutine:
+        one coroutine less per request."""
         def send(backend: BackendRuntime, remaining_s: float) -> Awaitable[UpstreamResponse]:
             return backend.http.request(method, path, [*headers, ("host", backend.name)], body, remaining_s)
 
-        return await self.forward_with(pool, send, _backend_failed, deadline, attempts)
+        return self.forward_with(pool, send, _backend_failed, deadline, attempts)
 
     async def forward_with(self, pool: PoolRuntime, send: Callable[[BackendRuntime, float], Awaitable[T]],
                            failed: Callable[[T], bool], deadline: float, attempts: Attempts) -> T:
@@ -235,8 +248,12 @@ class Upstreams:
         raise errors.Unavailable("No healthy backend can serve this model now")
 
     def _pick(self, pool: PoolRuntime, tried: Sequence[BackendRuntime], now: float) -> BackendRuntime | None:
-        usable, _panic = candidates([(backend, backend.state(now)) for backend in pool.backends],
-                                    pool.config.panic_threshold_percent)
+        if pool.health_epoch != self._health_epoch or now >= pool.candidates_until:
+            pool.candidates, _panic = candidates([(backend, backend.state(now)) for backend in pool.backends],
+                                                 pool.config.panic_threshold_percent)
+            pool.health_epoch = self._health_epoch
+            pool.candidates_until = states_hold_until([backend.health for backend in pool.backends], now)
+        usable = pool.candidates
         fresh = [backend for backend in usable if backend not in tried] if tried else usable
         if not fresh:
             return None
@@ -253,6 +270,7 @@ class Upstreams:
         room = not ok and may_eject([other.state(now) for other in pool.backends],
                                     pool.config.outlier.max_ejected_percent)
         if backend.health.passive_result(ok, now, room):
+            self._health_epoch += 1
             log.warning("backend %s (pool %s) ejected after %d consecutive failures", backend.name, pool.name,
                         pool.config.outlier.consecutive_failures)
             self._metrics.ejected(pool=pool.name, upstream=backend.name)

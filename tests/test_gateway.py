@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import io
 import json
 import os
@@ -114,6 +115,25 @@ async def test_weighted_split_follows_the_weights(start_gateway: Any, certs: Cer
     share = sum(body == {"predictions": V2_ANSWER} for _, body, _ in answers) / len(answers)
     assert all(status == 200 for status, _, _ in answers)
     assert 0.13 <= share <= 0.27, share  # 20% ± about 3.5 standard deviations for 400 draws
+
+
+async def test_answered_requests_leave_no_cyclic_garbage(start_gateway: Any, certs: CertPaths,
+                                                          proxies: list[DelayProxy]) -> None:
+    """A request's objects are freed as soon as it is answered (reference counting), not left in cycles for the
+    garbage collector: measured, one cycle per request cost the gateway ~3% of its instructions per request."""
+    gw = await start_gateway(config_document(certs, proxies))
+    assert (await gw.predict())[0] == 200
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage instead of freed
+    try:
+        for _ in range(20):
+            assert (await gw.predict())[0] == 200
+        gc.collect()
+        kinds = {type(found).__name__ for found in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not kinds & {"HttpRequest", "HttpResponse", "AccessRecord", "Attempts", "UpstreamResponse"}, kinds
 
 
 async def test_round_robin_is_even(start_gateway: Any, certs: CertPaths, proxies: list[DelayProxy]) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
+
 import pytest
 
 from gateway.config import HealthCheck, Outlier
-from gateway.health import BackendHealth, State, candidates, may_eject, next_check_delay
+from gateway.health import BackendHealth, State, candidates, may_eject, next_check_delay, states_hold_until
 
 
 def test_starts_healthy() -> None:
@@ -194,3 +196,15 @@ def test_candidates(states: str, panic_threshold: float, expected: tuple[str, bo
 def test_may_eject(ejected: int, total: int, max_percent: float, expected: bool) -> None:
     states: list[State] = ["ejected" if i < ejected else "healthy" for i in range(total)]
     assert may_eject(states, max_percent) is expected
+
+
+def test_states_hold_until_the_earliest_running_ejection_ends() -> None:
+    outlier = Outlier(consecutive_failures=1, ejection_s=10.0)
+    steady, early, late, over = (BackendHealth(HealthCheck(), outlier) for _ in range(4))
+    assert states_hold_until([steady], 0.0) == math.inf  # never ejected: only a new result changes it
+    late.passive_result(False, 5.0, True)  # ejected until 15
+    early.passive_result(False, 2.0, True)  # until 12
+    over.passive_result(False, -20.0, True)  # until -10: over by now
+    assert states_hold_until([steady, late, early, over], 3.0) == 12.0
+    assert states_hold_until([steady, late, early, over], 12.0) == 15.0  # at its end, `early` is healthy again
+    assert early.state(12.0) == "healthy"
