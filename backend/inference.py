@@ -23,7 +23,8 @@ REGRESS_INPUTS, REGRESS_OUTPUTS = "inputs", "outputs"
 Classification = list[tuple[bytes, float]]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per request, and a frozen dataclass costs ~3x as much to make (1.3 µs against 0.4).
+@dataclass(slots=True)
 class ModelCall:
     """A validated request: which signature of which version to run, on what, for which outputs."""
 

@@ -33,7 +33,8 @@ _BUFFER_TYPES = {"f": ("d", np.float64), "i": ("i", np.int64), "u": ("i", np.int
 _FORMATS = ("instances", "inputs")
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per request, and a frozen dataclass costs ~3x as much to make (1.3 µs against 0.4).
+@dataclass(slots=True)
 class NumericRequest:
     signature_name: str
     inputs: dict[str, np.ndarray]  # the signature's one input, in its dtype

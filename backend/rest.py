@@ -63,7 +63,7 @@ class RestOptions:
     metrics_path: str | None = None  # where Prometheus scrapes, when monitoring is on
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request (see backend/inference.py's ModelCall)
 class _Target:
     name: str
     version: int | None
@@ -79,7 +79,7 @@ class _CallLabels:
     version: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request (see backend/inference.py's ModelCall)
 class _Prepared:
     """A decoded, validated REST call, and how its answer is written."""
 

@@ -70,7 +70,7 @@ _NOT_FORWARDED = frozenset({"authorization", "x-api-key", "cookie", "x-request-i
 _CHANNEL_OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per call (see backend/inference.py's ModelCall)
 class _Answer:
     code: grpc.StatusCode
     details: str

@@ -36,7 +36,7 @@ class WireError(ValueError):
     """The bytes are not a serialized protobuf message."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per field read (see backend/inference.py's ModelCall)
 class Field:
     number: int
     wire_type: int

@@ -85,7 +85,7 @@ class RateLimitsLike(Protocol):
     def models(self) -> Mapping[str, RateLike]: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request (see backend/inference.py's ModelCall)
 class Decision:
     allowed: bool
     limit: int  # RateLimit-Limit: burst of the deciding bucket

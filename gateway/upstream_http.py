@@ -60,7 +60,8 @@ class UpstreamError(Exception):
         self.retryable = retryable
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per response, and a frozen dataclass costs ~3x as much to make (1.3 µs against 0.4).
+@dataclass(slots=True)
 class UpstreamResponse:
     status: int
     headers: list[tuple[bytes, bytes]]  # lower-case names, in order; hop-by-hop fields and Content-Length removed
