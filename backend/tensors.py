@@ -203,11 +203,16 @@ def decode_b64(text: Any, name: str) -> bytes:
 
 
 def predict_response(outputs: Mapping[str, np.ndarray], row_format: bool) -> bytes:
-    """The JSON body of a predict response, in the format of the request."""
+    """The JSON body of a predict response, in the format of the request.
+
+    orjson writes NaN and ±Infinity as null, where TF Serving writes NaN, Infinity and -Infinity: a body without
+    "null" in it has none of them, so the arrays are checked for them (np.isfinite, ~3 µs per array) only then."""
     if len(outputs) == 1:  # the common answer, one tensor orjson writes as it is: the general path's steps do nothing
         (array,) = outputs.values()
         if _written_as_is(array) and (array.ndim or not row_format):
-            return encode_json({"predictions" if row_format else "outputs": array})
+            body = encode_json({"predictions" if row_format else "outputs": array})
+            if b"null" not in body:
+                return body
     values = {name: _output_value(name, array) for name, array in outputs.items()}
     if row_format:
         document: dict[str, Any] = {"predictions": _rows(values, outputs)}
@@ -215,9 +220,10 @@ def predict_response(outputs: Mapping[str, np.ndarray], row_format: bool) -> byt
         document = {"outputs": next(iter(values.values()))}
     else:
         document = {"outputs": values}
-    if any(_needs_slow_path(array) for array in outputs.values()):
+    body = encode_json(document)
+    if b"null" in body and any(_needs_slow_path(array) for array in outputs.values()):
         return json.dumps(_plain(document), separators=(",", ":"), allow_nan=True).encode()
-    return encode_json(document)
+    return body
 
 
 def _rows(values: Mapping[str, Any], outputs: Mapping[str, np.ndarray]) -> Any:
@@ -256,9 +262,10 @@ def _bytes_json(item: bytes, as_b64: bool) -> Any:
 
 
 def _written_as_is(array: np.ndarray) -> bool:
-    """Numbers orjson writes as TF Serving does, with no conversion: integers, and finite float32 or float64."""
+    """Numbers orjson writes with no conversion: integers, float32 and float64 (as TF Serving does, but for
+    non-finite ones: see predict_response)."""
     kind = array.dtype.kind
-    return kind in "iu" or (kind == "f" and array.dtype.itemsize >= 4 and not _needs_slow_path(array))
+    return kind in "iu" or (kind == "f" and array.dtype.itemsize >= 4)
 
 
 def _needs_slow_path(array: np.ndarray) -> bool:

@@ -67,6 +67,12 @@ def test_responses_mirror_the_request_format() -> None:
 def test_non_finite_floats_use_tf_serving_tokens() -> None:
     values = {"y": np.array([np.nan, np.inf, -np.inf, 0.1], np.float32)}
     assert predict_response(values, False) == b'{"outputs":[NaN,Infinity,-Infinity,0.1]}'
+    assert predict_response(values, True) == b'{"predictions":[NaN,Infinity,-Infinity,0.1]}'
+    two = {"p": np.array([[np.nan], [0.5]], np.float64), "k": np.array([1, 2], np.int64)}
+    assert predict_response(two, True) == b'{"predictions":[{"p":[NaN],"k":1},{"p":[0.5],"k":2}]}'
+    # "null" written for another reason (a name, a string) is not taken for a non-finite number
+    named = {"nullable": np.array([0.5], np.float32), "note": np.array([b"null"], object)}
+    assert predict_response(named, True) == b'{"predictions":[{"nullable":0.5,"note":"null"}]}'
     assert decode_json_object(b'{"instances": [NaN, -Infinity]}')["instances"][1] == float("-inf")
 
 
