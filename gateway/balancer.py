@@ -40,10 +40,9 @@ class PeakEwma:
         self._at: float | None = None  # time of the last sample; None: only the initial guess so far
 
     def observe(self, rtt_s: float, now: float) -> None:
-        at = self._at  # _decay(now), inline: this runs once per request
-        weight = 1.0 if at is None else math.exp(-max(now - at, 0.0) / self.decay_s)
+        weight = self._decay(now)
         current = self._value * weight
-        if at is None or rtt_s >= current:
+        if self._at is None or rtt_s >= current:
             self._value = rtt_s  # the first sample replaces the guess; a peak is taken at once
         else:
             self._value = current * weight + rtt_s * (1.0 - weight)

@@ -25,11 +25,7 @@ class RetryBudget:
         self.budget_percent, self.min_retries_per_s = budget_percent, min_retries_per_s
 
     def record_request(self, now: float) -> None:
-        buckets = self._buckets
-        if buckets and buckets[-1][0] == math.floor(now):  # the common case, once per request: no call
-            buckets[-1][1] += 1
-        else:
-            self._bucket(now)[1] += 1
+        self._bucket(now)[1] += 1
 
     def try_retry(self, now: float) -> bool:
         """Spend one retry if the budget allows it."""
