@@ -27,7 +27,8 @@ its per-round figures. A noisy spell of this shared machine (see "steal") then s
 contender that happened to run through it, as it can in the table (measured: direct rows at 8-12% steal once made
 nginx "add" -0.012 ms). nginx's added p50 is printed beside them for comparison. Reported as met or not,
 never asserted. The rounds also give each proxy's CPU time per request at 32 in flight: what it costs to run,
-and a figure that moves far less than throughput when the machine is noisy.
+and a figure that other guests' load moves less than throughput (it falls, though, as a proxy gets more of the CPU
+and so handles more events per wake-up).
 "gen CPU" is the load generator's own share of one core, "backend CPU" and "proxy CPU" the backend's and the
 gateway's or nginx's (with its worker), averaged over the loop and its warm-up: all share the machine's cores;
 "steal" is the machine's CPU time its hypervisor gave to other guests meanwhile (above ~1%: a noisy moment).
@@ -202,9 +203,10 @@ def _rounds(targets: Mapping[str, Target], proxies: Mapping[str, ServerProcess],
             ) -> list[dict[str, dict[str, Any]]]:
     """Per round, `{"<contender>_<concurrency>": {label, requests_per_s, p50_ms, proxy_cpu_us, host_steal, errors,
     first_error}}`: both loops on each contender in turn, --seconds / --rounds each. `proxy_cpu_us` is the CPU time
-    the contender's proxy process (in `proxies`) spent per request, in µs: it moves far less than throughput with
-    whatever else the machine runs (measured in one noisy run: the gateway's rounds 242, 244 and 248 µs while its
-    throughput ratio to nginx went 0.753, 0.702, 0.741)."""
+    the contender's proxy process (in `proxies`) spent per request, in µs: other guests' load moves it less than
+    throughput (one noisy run: the gateway's rounds 242, 244 and 248 µs while its throughput ratio to nginx went
+    0.753, 0.702, 0.741), but it falls as the proxy gets more of the CPU (one quiet run: 228, 152 and 203 µs at
+    2,361, 3,443 and 2,698 requests/s), since a busier event loop handles more events per wake-up."""
     seconds = args.seconds / args.rounds
     rounds = []
     for index in range(1, args.rounds + 1):
