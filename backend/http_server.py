@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -115,6 +116,18 @@ def _call_after_sent(response: HttpResponse, turn: _Turn) -> None:
                       turn.request.peer)
 
 
+class _Listener(Protocol):
+    """What the server keeps of the asyncio.Server that listens for it. Typed here, not as asyncio.Server, because
+    compiled (setup.py) code checks declared types: uvloop's server lists its sockets where asyncio's has a tuple."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
 class HttpServer:
     """Serves `handler` on one listening socket; see the module docstring for the guarantees."""
 
@@ -125,7 +138,7 @@ class HttpServer:
         self.set_limits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout_s,
                         keepalive_timeout_s=keepalive_timeout_s)
         self.stopping = False
-        self._listener: asyncio.Server | None = None
+        self._listener: _Listener | None = None
         self._port = 0
         self._connections: set[_Connection] = set()  # open, or still running a handler
         self._all_gone: asyncio.Future[None] | None = None  # made by shutdown()
@@ -144,11 +157,12 @@ class HttpServer:
         header timeout, so a client that stalls it cannot hold a connection. `reuse_port`: share the port with
         other processes listening on it the same way (SO_REUSEPORT; the kernel spreads connections over them)."""
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(
+        listener: _Listener = await loop.create_server(
             lambda: _Connection(self, loop), host, port, reuse_address=True, reuse_port=reuse_port or None,
             ssl=ssl_context,
             ssl_handshake_timeout=self.deadlines[_HEAD] if ssl_context is not None else None)
-        self._port = self._listener.sockets[0].getsockname()[1]
+        self._listener = listener
+        self._port = listener.sockets[0].getsockname()[1]
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
