@@ -4,6 +4,7 @@ costs lines, never the event loop."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -65,6 +67,32 @@ def test_two_writers_on_one_pipe_never_cut_each_others_lines() -> None:
     lines = bytes(received).splitlines()
     ids = [json.loads(line)["request_id"] for line in lines]  # each one whole JSON
     assert len(ids) == len(set(ids)) == 20000
+
+
+class _CountedFile(io.FileIO):
+    """A regular file that remembers the size of each write."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "ab")
+        self.writes: list[int] = []
+
+    def write(self, data: Any) -> int:  # collections.abc.Buffer from Python 3.12
+        self.writes.append(len(memoryview(data)))
+        return super().write(data)
+
+
+async def test_a_regular_file_takes_each_buffer_in_one_write(tmp_path: Path) -> None:
+    """No pipe, no PIPE_BUF pieces: each write costs the writer thread a GIL hand-off with the event loop."""
+    stream = _CountedFile(tmp_path / "access.log")
+    access = AccessLog(stream)
+    for i in range(1000):  # ~330 bytes a line: five times the 64 KiB that hands a buffer over at once
+        access.write(AccessRecord(request_id=f"{i:06d}", method="POST", path="/v1/models/m:predict", peer="p"))
+    await asyncio.wait_for(access.close(), 60)
+    stream.close()
+    ids = [json.loads(line)["request_id"] for line in (tmp_path / "access.log").read_bytes().splitlines()]
+    assert ids == [f"{i:06d}" for i in range(1000)]
+    # each full buffer in one write, and what was left on close; on a pipe they would be PIPE_BUF pieces
+    assert len(stream.writes) > 1 and all(size >= 64 * 1024 for size in stream.writes[:-1])
 
 
 def _read_all(fd: int) -> bytes:
