@@ -13,7 +13,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,7 +23,7 @@ def compiled_modules() -> list[str]:
     return list(document["tool"]["tfgate"]["compiled"])
 
 
-def extensions() -> list:
+def extensions() -> list[Extension]:
     if os.environ.get("TFGATE_PURE_PYTHON") == "1":
         return []
     from mypyc.build import mypycify

@@ -27,7 +27,6 @@ warned about, as Envoy's access log does: serving matters more than its log.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import select
@@ -205,7 +204,7 @@ def _piece_bytes(stream: BinaryIO) -> int:
     """The most one write may carry to `stream`: PIPE_BUF unless it is a regular file (see the module docstring)."""
     try:
         regular = stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
-    except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor: an in-memory stream
+    except (OSError, ValueError):  # io.UnsupportedOperation: no file descriptor, an in-memory stream
         regular = False
     return sys.maxsize if regular else select.PIPE_BUF
 
