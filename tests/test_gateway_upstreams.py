@@ -5,6 +5,7 @@ are kept between requests, so these check they are renewed when they must be).""
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 import yaml
@@ -27,7 +28,9 @@ class Clock:
         return self.now
 
 
-def pool_of(certs: CertPaths, clock: Clock) -> tuple[Upstreams, PoolRuntime]:
+@pytest.fixture
+async def setup(certs: CertPaths) -> AsyncIterator[tuple[Upstreams, PoolRuntime, Clock]]:
+    """A pool of FAILING and SOUND on a fake clock; its health-check tasks are cancelled afterwards."""
     document = {
         "listen": {"https": "127.0.0.1:0", "admin": "127.0.0.1:0"},
         "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key)},
@@ -37,8 +40,12 @@ def pool_of(certs: CertPaths, clock: Clock) -> tuple[Upstreams, PoolRuntime]:
                           "backends": [{"rest": FAILING}, {"rest": SOUND}]}},
         "routes": [{"model": "*", "pool": "cpu"}],
     }
+    clock = Clock()
     upstreams = Upstreams(GatewayMetrics(), random.Random(0), clock)
-    return upstreams, upstreams.build(parse_config(yaml.safe_dump(document)))["cpu"]
+    try:
+        yield upstreams, upstreams.build(parse_config(yaml.safe_dump(document)))["cpu"], clock
+    finally:
+        await upstreams.close()
 
 
 async def forward(upstreams: Upstreams, pool: PoolRuntime, clock: Clock) -> str:
@@ -49,9 +56,9 @@ async def forward(upstreams: Upstreams, pool: PoolRuntime, clock: Clock) -> str:
     return await upstreams.forward_with(pool, send, lambda answer: answer == FAILING, clock() + 5, Attempts())
 
 
-async def test_an_ejected_backend_gets_no_request_until_its_ejection_ends(certs: CertPaths) -> None:
-    clock = Clock()
-    upstreams, pool = pool_of(certs, clock)
+async def test_an_ejected_backend_gets_no_request_until_its_ejection_ends(
+        setup: tuple[Upstreams, PoolRuntime, Clock]) -> None:
+    upstreams, pool, clock = setup
     first = [await forward(upstreams, pool, clock) for _ in range(2)]
     assert sorted(first) == [FAILING, SOUND]  # round robin over both; FAILING's failure ejects it
     assert pool.backends[0].state(clock()) == "ejected"
@@ -62,9 +69,9 @@ async def test_an_ejected_backend_gets_no_request_until_its_ejection_ends(certs:
     assert FAILING in {await forward(upstreams, pool, clock) for _ in range(2)}
 
 
-async def test_kept_candidates_are_renewed_when_an_active_check_changes_a_state(certs: CertPaths) -> None:
-    clock = Clock()
-    upstreams, pool = pool_of(certs, clock)
+async def test_kept_candidates_are_renewed_when_an_active_check_changes_a_state(
+        setup: tuple[Upstreams, PoolRuntime, Clock]) -> None:
+    upstreams, pool, clock = setup
     while await forward(upstreams, pool, clock) != FAILING:
         pass
     assert await forward(upstreams, pool, clock) == SOUND  # the only candidate, kept for the next requests
