@@ -1,16 +1,23 @@
 """The dynamic batcher: merges concurrent calls to the same signature into one TensorFlow run.
 
-How it works: each (model version, signature, outputs, per-row input shapes) has a `BatchQueue` and one dispatcher
-task. A call joins its queue and awaits a future. The dispatcher waits until the queue's batch is due (see
-batching.py), then for a free batch thread (`num_batch_threads`), takes the batch, and runs it on the executor:
-inputs are concatenated along dimension 0 (and padded to an allowed batch size with copies of the first row), the
-signature runs once, and each caller gets exactly its own rows of every output. A call that completes a whole batch
-starts it itself when a batch thread is free, without yielding, so TensorFlow overlaps the parsing of the requests
-behind it instead of waiting for the event loop to finish a burst. A call too large for one batch, or
-without a shared dimension 0, runs alone. REST and gRPC share the batcher, so their requests batch together.
-A version directory's own `batching_params.pbtxt` (TF Serving's per-model convention) overrides the global
-parameters for that version's queues, except `num_batch_threads`: the batch threads are one pool for the process,
-since every model shares the same cores.
+How it works: each (model version, signature, outputs, per-row input shapes) has a lane: a `BatchQueue` and what
+starts its next batch. A call joins the queue and awaits a future. A batch is due (see batching.py) when the queue
+holds a whole one, or when a loop timer set for the oldest call's timeout fires; a due batch starts at once on a free
+batch thread (`num_batch_threads`), or waits in line for the next thread a finished batch frees. Starting: inputs
+are concatenated along dimension 0 (and padded to an allowed batch size with copies of the first row), the signature
+runs once on the executor, and each caller gets exactly its own rows of every output. A call that completes a whole
+batch starts it itself, without yielding, so TensorFlow overlaps the parsing of the requests behind it instead of
+waiting for the event loop to finish a burst. A call too large for one batch, or without a shared dimension 0, runs
+alone. REST and gRPC share the batcher, so their requests batch together. A lane whose queue empties is dropped, so
+an unloaded version's lane never pins its model. A version directory's own `batching_params.pbtxt` (TF Serving's
+per-model convention) overrides the global parameters for that version's queues, except `num_batch_threads`: the
+batch threads are one pool for the process, since every model shares the same cores.
+
+Why timers and not a dispatcher task per lane waiting with `wait_for`: a timeout woke the dispatcher three loop turns
+later (the timer cancels the wait, the cancelled wait ends, the dispatcher resumes), and a turn under load is a pass
+over every readable connection. With 1-row REST requests at 3,000/s and a 2 ms timeout, the oldest call of a batch
+waited p90 3.4 / p99 5.4 ms before its batch started; a timer callback starts it in the turn it fires: p90 2.8-3.0,
+p99 3.3-4.5 ms.
 
 The batch thread hands its outcome back itself, in one loop callback (deadlines.hand_off), so the callers resume on
 the event loop's next turn: with 1-row REST requests at 1,000/s, a batch's end and its delivery were 1.5 ms apart on
@@ -18,8 +25,8 @@ average (median of five runs) when a task awaited the executor's future through 
 apart now.
 
 Guarantees: a full queue refuses a call at once (RESOURCE_EXHAUSTED / 429); a call whose deadline passes while it
-waits is dropped before it runs; `close()` cancels every task the batcher starts and fails the calls of batches still
-running as UNAVAILABLE.
+waits is dropped before it runs; `close()` cancels every timer the batcher set and fails the calls still queued or in
+a running batch as UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import numpy as np
@@ -44,7 +52,6 @@ from backend.runners import DirectRunner
 
 log = logging.getLogger(__name__)
 
-IDLE_LANE_S = 60.0
 _EXPIRED = "Deadline exceeded while the request waited for its batch; it was not run"
 
 
@@ -56,12 +63,13 @@ class _Pending:
 
 @dataclass(slots=True, eq=False)
 class _Lane:
-    """One queue, the event that wakes its dispatcher, and the dispatcher itself."""
+    """One queue, and what starts its next batch: a timer for the oldest call's timeout, or a place in line."""
 
+    key: Hashable
     queue: BatchQueue[_Pending]
     own_parameters: bool  # the version brought its own batching_params.pbtxt: global changes leave it alone
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    dispatcher: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    in_line: bool = False  # its batch is due and waits for a batch thread
 
 
 @dataclass(slots=True, eq=False)
@@ -69,7 +77,6 @@ class _Running:
     """A batch on its thread: what delivering its outcome needs."""
 
     batch: Batch[_Pending]
-    threads: asyncio.Semaphore  # the semaphore it holds a thread of (a reload may make a new one meanwhile)
     started: float
 
 
@@ -87,18 +94,22 @@ class Batcher:
         self._clock = clock
         self._direct = DirectRunner(executor)
         self._lanes: dict[Hashable, _Lane] = {}
+        self._line: deque[_Lane] = deque()  # lanes whose batch is due, oldest first, while every thread is busy
         self._running: set[_Running] = set()
-        self.configure(parameters)
+        self._parameters = parameters
 
     def configure(self, parameters: BatchingParameters) -> None:
-        """New parameters for every queue; batches already running keep the thread they hold."""
+        """New parameters for every queue; batches already running keep their thread, and a queue the change made
+        due starts (or joins the line) now."""
         self._parameters = parameters
-        self._threads = asyncio.Semaphore(parameters.num_batch_threads)
         policy = policy_of(parameters)
-        for lane in self._lanes.values():
+        for lane in list(self._lanes.values()):
             if not lane.own_parameters:
                 lane.queue.policy = policy
-                lane.wake.set()
+                if not lane.in_line:
+                    self._cancel_timer(lane)
+                    self._schedule(lane)
+        self._start_next_in_line()
 
     async def run(self, call: ModelCall, deadline: float | None) -> dict[str, np.ndarray]:
         rows = call.rows
@@ -106,87 +117,101 @@ class Batcher:
         if rows is None or not 0 < rows <= parameters.max_batch_size:
             return await self._direct.run(call, deadline)
         lane = self._lane(call, parameters)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)  # a caller that gave up must not leave an unretrieved exception
         queue = lane.queue
         if not queue.admit(Task(rows=rows, enqueued_at=self._clock(), deadline=deadline,
                                 payload=_Pending(call, future), abandoned=future.done)):
             raise errors.ResourceExhausted("The batch scheduling queue to which this request was submitted is full")
-        if len(queue) == 1 or queue.full():  # a new oldest call sets the timeout; a whole batch is due now
-            threads = self._threads
-            if queue.full() and not threads.locked():
-                # A free thread is taken without yielding, so the batch starts before the event loop reads the next
-                # request: TensorFlow runs while later requests are parsed, instead of after a burst of them.
-                await threads.acquire()
-                self._start_batch(queue, threads)
-            lane.wake.set()
+        if queue.full() and not lane.in_line:
+            # A free thread takes the whole batch now, before the event loop reads the next request: TensorFlow
+            # runs while later requests are parsed, instead of after a burst of them.
+            self._cancel_timer(lane)
+            self._due(lane)
+        elif lane.timer is None and not lane.in_line:  # a new oldest call: its timeout sets when the batch is due
+            self._schedule(lane)
         # Past the deadline the caller gets its answer at once, and the queue drops the call before it runs; a caller
         # cancelled (client gone) cancels the future, which the queue skips too.
         return await await_before(future, deadline, self._clock(), _EXPIRED)
 
     def _lane(self, call: ModelCall, parameters: BatchingParameters) -> _Lane:
         pad = parameters.pad_variable_length_inputs
+        # The signature's id is safe in the key: a lane is dropped whenever its queue empties, and a queued call
+        # keeps its signature alive, so no other signature can take that id while the lane exists.
         key = (id(call.signature), call.output_keys,
                tuple((name, value.dtype.str, None if pad else value.shape[1:]) for name, value in call.inputs.items()))
         lane = self._lanes.get(key)
-        if lane is None or lane.dispatcher is None or lane.dispatcher.done():
-            lane = _Lane(queue=BatchQueue(policy_of(parameters)), own_parameters=call.servable.batching is not None)
-            lane.dispatcher = asyncio.create_task(self._dispatch(key, lane))
+        if lane is None:
+            lane = _Lane(key=key, queue=BatchQueue(policy_of(parameters)),
+                         own_parameters=call.servable.batching is not None)
             self._lanes[key] = lane
         return lane
 
-    async def _dispatch(self, key: Hashable, lane: _Lane) -> None:
-        queue = lane.queue
-        while True:
-            if not await self._wait_until_due(lane):
-                self._lanes.pop(key, None)  # idle: an unloaded version's lane must not pin its model
-                return
-            threads = self._threads
-            await threads.acquire()
-            self._start_batch(queue, threads)
+    def _schedule(self, lane: _Lane) -> None:
+        """After the lane's queue changed: start its batch if due, else time it; an empty lane is dropped."""
+        due = lane.queue.due_at()
+        if due is None:
+            if self._lanes.get(lane.key) is lane:
+                del self._lanes[lane.key]
+        elif lane.queue.ready(self._clock()):
+            self._due(lane)
+        else:
+            lane.timer = asyncio.get_running_loop().call_later(due - self._clock(), self._on_timer, lane)
 
-    async def _wait_until_due(self, lane: _Lane) -> bool:
-        """Wait until the lane's batch is due; False when it stayed empty for IDLE_LANE_S."""
-        while not lane.queue.ready(self._clock()):
-            lane.wake.clear()
-            due = lane.queue.due_at()
-            try:
-                await asyncio.wait_for(lane.wake.wait(), IDLE_LANE_S if due is None else max(0.0, due - self._clock()))
-            except TimeoutError:
-                if due is None and not len(lane.queue):
-                    return False
-        return True
+    def _on_timer(self, lane: _Lane) -> None:
+        # A timer fires early by up to the event loop's clock resolution (uvloop: 1 ms); _schedule then re-arms it.
+        lane.timer = None
+        self._schedule(lane)
 
-    def _start_batch(self, queue: BatchQueue[_Pending], threads: asyncio.Semaphore) -> None:
-        """Take the due batch and hand it to the held batch thread now; the thread delivers its outcome."""
+    def _cancel_timer(self, lane: _Lane) -> None:
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+
+    def _due(self, lane: _Lane) -> None:
+        """The lane's batch is due: it starts on a free batch thread, or waits in line for one."""
+        if len(self._running) < self._parameters.num_batch_threads:
+            self._start_batch(lane)
+        elif not lane.in_line:
+            lane.in_line = True
+            self._line.append(lane)
+
+    def _start_next_in_line(self) -> None:
+        while self._line and len(self._running) < self._parameters.num_batch_threads:
+            lane = self._line.popleft()
+            lane.in_line = False
+            self._schedule(lane)  # expired calls may have emptied it meanwhile
+
+    def _start_batch(self, lane: _Lane) -> None:
+        """Take the due batch and hand it to a batch thread now; the thread delivers its outcome. Then the rest of
+        the queue is scheduled in turn."""
         started = self._clock()
-        batch = queue.take(started)
+        batch = lane.queue.take(started)
         for task in batch.expired:
             expire(task.payload.future, _EXPIRED)
-        if not batch.tasks:
-            threads.release()
-            return
-        calls = [task.payload.call for task in batch.tasks]
-        deadlines = [task.deadline for task in batch.tasks]
-        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
-        pad = (calls[0].servable.batching or self._parameters).pad_variable_length_inputs
-        running = _Running(batch, threads, started)
-        # Skipped on the batch thread if every caller's deadline passed while it waited for the thread.
-        run = unless_expired(latest, lambda: _run_merged(calls, batch.padded_rows, pad), _EXPIRED)
-        self._running.add(running)
-        try:
-            hand_off(self._executor, run, functools.partial(self._deliver, running))
-        except RuntimeError as error:  # the executor is shut down
-            self._deliver(running, None, error)
+        if batch.tasks:
+            calls = [task.payload.call for task in batch.tasks]
+            deadlines = [task.deadline for task in batch.tasks]
+            latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+            pad = (calls[0].servable.batching or self._parameters).pad_variable_length_inputs
+            running = _Running(batch, started)
+            # Skipped on the batch thread if every caller's deadline passed while it waited for the thread.
+            run = unless_expired(latest, lambda: _run_merged(calls, batch.padded_rows, pad), _EXPIRED)
+            self._running.add(running)
+            try:
+                hand_off(self._executor, run, functools.partial(self._deliver, running))
+            except RuntimeError as error:  # the executor is shut down
+                self._deliver(running, None, error)
+        self._schedule(lane)
 
     def _deliver(self, running: _Running, outputs: list[dict[str, np.ndarray]] | None, error: Exception | None
                  ) -> None:
-        """On the loop, once the batch thread is done: each caller gets its rows, or the batch's error."""
+        """On the loop, once the batch thread is done: each caller gets its rows, or the batch's error; the next
+        due batch takes the thread."""
         if running not in self._running:
             return  # close() failed these calls already
         self._running.discard(running)
-        running.threads.release()
+        self._start_next_in_line()
         batch = running.batch
         if error is not None:
             _fail_batch(batch, error)
@@ -200,21 +225,19 @@ class Batcher:
                 task.payload.future.set_result(result)
 
     async def close(self) -> None:
-        """Cancel every dispatcher; calls still queued or in a running batch fail as UNAVAILABLE."""
-        dispatchers = [lane.dispatcher for lane in self._lanes.values() if lane.dispatcher is not None]
-        for task in dispatchers:
-            task.cancel()
-        await asyncio.gather(*dispatchers, return_exceptions=True)
+        """Calls still queued or in a running batch fail as UNAVAILABLE; no timer is left behind."""
         shutting_down = errors.Unavailable("The server is shutting down")
         running, self._running = self._running, set()
         for unfinished in running:
-            unfinished.threads.release()
             _fail_batch(unfinished.batch, shutting_down)
-        for lane in self._lanes.values():
+        lanes = list(self._lanes.values())
+        self._lanes.clear()
+        self._line.clear()
+        for lane in lanes:
+            self._cancel_timer(lane)
             while len(lane.queue):
                 for queued in lane.queue.take(float("-inf")).tasks:
                     _fail(queued.payload.future, shutting_down)
-        self._lanes.clear()
 
 
 def _retrieve(future: asyncio.Future[dict[str, np.ndarray]]) -> None:

@@ -168,6 +168,32 @@ async def test_a_whole_batch_starts_on_a_thread_before_the_event_loop_runs_anyth
     assert model.runner.batches == [2]
 
 
+async def test_a_queue_short_of_a_batch_starts_when_its_timeout_ends(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = Batcher(parameters(batch_timeout_micros=1_000), executor, BackendMetrics())
+    try:
+        results = await asyncio.wait_for(asyncio.gather(
+            *(batcher.run(model.call(np.ones((1, 1), np.float32)), None) for _ in range(3))), 5)
+    finally:
+        await batcher.close()
+    assert model.runner.batches == [3] and [result["rows"].tolist() for result in results] == [[3]] * 3
+
+
+async def test_a_reload_that_makes_a_queue_a_whole_batch_starts_it_without_waiting_for_the_timeout(
+        executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = Batcher(parameters(batch_timeout_micros=3_600_000_000), executor, BackendMetrics())  # an hour
+    try:
+        calls = [asyncio.ensure_future(batcher.run(model.call(np.ones((1, 1), np.float32)), None)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert model.runner.batches == []
+        batcher.configure(parameters(max_batch_size=2, batch_timeout_micros=3_600_000_000))
+        await asyncio.wait_for(asyncio.gather(*calls), 5)
+    finally:
+        await batcher.close()
+    assert model.runner.batches == [2]
+
+
 async def test_full_queue_is_resource_exhausted(executor: ThreadPoolExecutor) -> None:
     gate = threading.Event()
     model = FakeModel(gate)
