@@ -93,6 +93,8 @@ class Batcher:
         self._metrics = metrics
         self._clock = clock
         self._direct = DirectRunner(executor)
+        # Made on its event loop, which it keeps: asyncio.get_running_loop() makes a getpid() system call (CPython 3.11).
+        self._loop = asyncio.get_running_loop()
         self._lanes: dict[Hashable, _Lane] = {}
         self._line: deque[_Lane] = deque()  # lanes whose batch is due, oldest first, while every thread is busy
         self._running: set[_Running] = set()
@@ -117,7 +119,7 @@ class Batcher:
         if rows is None or not 0 < rows <= parameters.max_batch_size:
             return await self._direct.run(call, deadline)
         lane = self._lane(call, parameters)
-        future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, np.ndarray]] = self._loop.create_future()
         future.add_done_callback(_retrieve)  # a caller that gave up must not leave an unretrieved exception
         queue = lane.queue
         if not queue.admit(Task(rows=rows, enqueued_at=self._clock(), deadline=deadline,
@@ -139,7 +141,7 @@ class Batcher:
         # The signature's id is safe in the key: a lane is dropped whenever its queue empties, and a queued call
         # keeps its signature alive, so no other signature can take that id while the lane exists.
         key = (id(call.signature), call.output_keys,
-               tuple((name, value.dtype.str, None if pad else value.shape[1:]) for name, value in call.inputs.items()))
+               tuple((name, value.dtype, None if pad else value.shape[1:]) for name, value in call.inputs.items()))
         lane = self._lanes.get(key)
         if lane is None:
             lane = _Lane(key=key, queue=BatchQueue(policy_of(parameters)),
@@ -156,7 +158,7 @@ class Batcher:
         elif lane.queue.ready(self._clock()):
             self._due(lane)
         else:
-            lane.timer = asyncio.get_running_loop().call_later(due - self._clock(), self._on_timer, lane)
+            lane.timer = self._loop.call_later(due - self._clock(), self._on_timer, lane)
 
     def _on_timer(self, lane: _Lane) -> None:
         # A timer fires early by up to the event loop's clock resolution (uvloop: 1 ms); _schedule then re-arms it.
