@@ -161,7 +161,7 @@ class Batcher:
             lane.timer = self._loop.call_later(due - self._clock(), self._on_timer, lane)
 
     def _on_timer(self, lane: _Lane) -> None:
-        # A timer fires early by up to the event loop's clock resolution (uvloop: 1 ms); _schedule then re-arms it.
+        # uvloop's timers count whole milliseconds, so one may fire a little before `due`: _schedule re-arms it.
         lane.timer = None
         self._schedule(lane)
 
