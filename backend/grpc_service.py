@@ -129,7 +129,10 @@ def _response_spec(target: model_pb2.ModelSpec, servable: Servable, signature_ke
     target.signature_name = signature_key
 
 
-class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+class PredictionService:
+    """TF Serving's PredictionService. Not a subclass of the generated servicer, which gRPC never requires (it looks the
+    methods up by name): this module is compiled (mypyc), and a compiled class cannot extend an interpreted one."""
+
     def __init__(self, context: GrpcContext) -> None:
         self.context = context
 
@@ -254,7 +257,9 @@ def _fill_regressions(result: regression_pb2.RegressionResult, values: list[floa
         result.regressions.add(value=value)
 
 
-class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+class ModelService:
+    """TF Serving's ModelService; no generated base class, as PredictionService."""
+
     def __init__(self, context: GrpcContext) -> None:
         self.context = context
 
