@@ -254,7 +254,7 @@ def _fail(future: asyncio.Future[dict[str, np.ndarray]], error: errors.ServingEr
 
 def _fail_batch(batch: Batch[_Pending], error: Exception) -> None:
     """Fail the batch's calls with a ServingError as it is; anything else is a bug, logged, and fails only this
-    batch's calls as INTERNAL, never the dispatcher."""
+    batch's calls as INTERNAL, never the batcher."""
     if not isinstance(error, errors.ServingError):
         log.error("batch of %d rows failed", batch.rows, exc_info=error)
         error = errors.Internal(f"batch failed: {error}")

@@ -6,8 +6,8 @@ request path that is ten or so locked updates per request; measured on the backe
 single-row REST throughput by ~20%. Here a series is a plain list in a dict, and a scrape builds the families.
 
 The rule that makes this safe: every update and every collect happens on the event loop thread (REST and grpc.aio
-handlers, the batcher's dispatcher, and the exposition handler all run there). Metrics updated from other threads
-(model loads run on an executor) stay on prometheus-client's own, locked classes.
+handlers, the batcher's timers and deliveries, and the exposition handler all run there). Metrics updated from other
+threads (model loads run on an executor) stay on prometheus-client's own, locked classes.
 """
 
 from __future__ import annotations
