@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
 
 Payload = TypeVar("Payload")
@@ -32,34 +32,43 @@ class BatchPolicy:
         return self.allowed_batch_sizes[index] if index < len(self.allowed_batch_sizes) else rows
 
 
-@dataclass(slots=True, eq=False)
+# Task, Batch and BatchQueue are plain classes, not dataclasses: the module is compiled (mypyc), which cannot compile a
+# generic dataclass (it fails at import).
 class Task(Generic[Payload]):
-    rows: int
-    enqueued_at: float
-    deadline: float | None
-    payload: Payload
-    abandoned: Callable[[], bool] = lambda: False  # true once nobody waits for the answer (a client gone)
+    __slots__ = ("abandoned", "deadline", "enqueued_at", "payload", "rows")
+
+    def __init__(self, rows: int, enqueued_at: float, deadline: float | None, payload: Payload,
+                 abandoned: Callable[[], bool] = lambda: False) -> None:
+        self.rows = rows
+        self.enqueued_at = enqueued_at
+        self.deadline = deadline
+        self.payload = payload
+        self.abandoned = abandoned  # true once nobody waits for the answer (a client gone)
 
     def expired(self, now: float) -> bool:
         return (self.deadline is not None and self.deadline <= now) or self.abandoned()
 
 
-@dataclass(frozen=True, slots=True)
 class Batch(Generic[Payload]):
-    tasks: list[Task[Payload]]
-    expired: list[Task[Payload]]
-    padded_rows: int
+    __slots__ = ("expired", "padded_rows", "tasks")
+
+    def __init__(self, tasks: list[Task[Payload]], expired: list[Task[Payload]], padded_rows: int) -> None:
+        self.tasks = tasks
+        self.expired = expired
+        self.padded_rows = padded_rows
 
     @property
     def rows(self) -> int:
         return sum(task.rows for task in self.tasks)
 
 
-@dataclass(slots=True)
 class BatchQueue(Generic[Payload]):
-    policy: BatchPolicy
-    _tasks: deque[Task[Payload]] = field(default_factory=deque)
-    _rows: int = 0
+    __slots__ = ("_rows", "_tasks", "policy")
+
+    def __init__(self, policy: BatchPolicy) -> None:
+        self.policy = policy
+        self._tasks: deque[Task[Payload]] = deque()
+        self._rows = 0
 
     @property
     def rows(self) -> int:
