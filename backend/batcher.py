@@ -73,6 +73,14 @@ class _Lane:
 
 
 @dataclass(slots=True, eq=False)
+class _Outcome:
+    """What a batch thread hands back: each call's outputs, in order, and how long the batch took on the thread."""
+
+    outputs: list[dict[str, np.ndarray]]
+    seconds: float
+
+
+@dataclass(slots=True, eq=False)
 class _Running:
     """A batch on its thread: what delivering its outcome needs."""
 
@@ -206,8 +214,7 @@ class Batcher:
                 self._deliver(running, None, error)
         self._schedule(lane)
 
-    def _deliver(self, running: _Running, outputs: list[dict[str, np.ndarray]] | None, error: Exception | None
-                 ) -> None:
+    def _deliver(self, running: _Running, outcome: _Outcome | None, error: Exception | None) -> None:
         """On the loop, once the batch thread is done: each caller gets its rows, or the batch's error; the next
         due batch takes the thread."""
         if running not in self._running:
@@ -218,11 +225,12 @@ class Batcher:
         if error is not None:
             _fail_batch(batch, error)
             return
-        assert outputs is not None  # _run_merged returned them
+        assert outcome is not None  # _run_merged returned it
         first = batch.tasks[0].payload.call
         self._metrics.observe_batch(model=first.servable.name, rows=batch.rows, padded_rows=batch.padded_rows,
-                                    queue_seconds=[running.started - task.enqueued_at for task in batch.tasks])
-        for task, result in zip(batch.tasks, outputs):
+                                    queue_seconds=[running.started - task.enqueued_at for task in batch.tasks],
+                                    run_seconds=outcome.seconds)
+        for task, result in zip(batch.tasks, outcome.outputs):
             if not task.payload.future.done():
                 task.payload.future.set_result(result)
 
@@ -262,8 +270,9 @@ def _fail_batch(batch: Batch[_Pending], error: Exception) -> None:
         _fail(task.payload.future, error)
 
 
-def _run_merged(calls: list[ModelCall], padded_rows: int, pad_lengths: bool) -> list[dict[str, np.ndarray]]:
+def _run_merged(calls: list[ModelCall], padded_rows: int, pad_lengths: bool) -> _Outcome:
     """Concatenate the calls' inputs, run once, and split every output back into each call's rows."""
+    started = time.perf_counter()
     rows = [call.rows or 0 for call in calls]
     total = sum(rows)
     merged = {name: _concatenate([call.inputs[name] for call in calls], total, padded_rows, pad_lengths)
@@ -274,7 +283,8 @@ def _run_merged(calls: list[ModelCall], padded_rows: int, pad_lengths: bool) -> 
             raise errors.Internal(f"output '{name}' has shape {list(value.shape)} for a batch of {padded_rows} rows: "
                                   "this signature cannot be batched (its outputs must keep dimension 0)")
     offsets = np.cumsum([0, *rows])
-    return [{name: value[offsets[i]:offsets[i + 1]] for name, value in outputs.items()} for i in range(len(calls))]
+    split = [{name: value[offsets[i]:offsets[i + 1]] for name, value in outputs.items()} for i in range(len(calls))]
+    return _Outcome(split, time.perf_counter() - started)
 
 
 def _concatenate(values: list[np.ndarray], rows: int, padded_rows: int, pad_lengths: bool) -> np.ndarray:

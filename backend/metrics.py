@@ -78,9 +78,12 @@ class BackendMetrics:
         self._batch_queue_seconds = LoopHistogram(
             "tfgate_backend_batch_queue_seconds", "Time a request waited in its batching queue.",
             ["model"], _QUEUE_SECONDS_BUCKETS)
+        self._batch_run_seconds = LoopHistogram(
+            "tfgate_backend_batch_run_seconds", "Time each batch took on its batch thread: merging the requests, "
+            "the TensorFlow run (padding included) and splitting the outputs.", ["model"], _QUEUE_SECONDS_BUCKETS)
         own.register(LoopMetrics(self._tf_request_count, self._tf_request_latency, self._requests,
                                  self._request_seconds, self._in_flight, self._batch_rows, self._batch_padding,
-                                 self._batch_queue_seconds))
+                                 self._batch_queue_seconds, self._batch_run_seconds))
         # Updated from executor threads (loads): prometheus-client's locked metrics.
         self._tf_load_attempts = Counter(
             "tensorflow_cc_saved_model_load_attempt_count_total", "TF's :tensorflow:cc:saved_model:load_attempt_count: "
@@ -109,7 +112,8 @@ class BackendMetrics:
                           (self._versions_available, "model"))
         self._loop_by_model = ((self._requests, "model"), (self._request_seconds, "model"),
                                (self._batch_rows, "model"), (self._batch_padding, "model"),
-                               (self._batch_queue_seconds, "model"), (self._tf_request_count, "model_name"),
+                               (self._batch_queue_seconds, "model"), (self._batch_run_seconds, "model"),
+                               (self._tf_request_count, "model_name"),
                                (self._tf_request_latency, "model_name"))
         self._by_path = (self._tf_load_attempts, self._tf_load_latency, self._tf_warmup_latency)
         self._paths: dict[str, set[str]] = {}  # model -> version directories seen, for forget_model
@@ -156,10 +160,13 @@ class BackendMetrics:
         """A warm-up that completed; one that fails fails its load, which observe_load counts."""
         self._tf_warmup_latency.labels(path, "OK").observe(seconds * _MICROS_PER_SECOND)
 
-    def observe_batch(self, *, model: str, rows: int, padded_rows: int, queue_seconds: Sequence[float]) -> None:
-        """One batch run: its real rows, its padded size, and how long each of its requests waited."""
+    def observe_batch(self, *, model: str, rows: int, padded_rows: int, queue_seconds: Sequence[float],
+                      run_seconds: float) -> None:
+        """One batch run: its real rows, its padded size, how long each of its requests waited, and how long it ran
+        (queue time against run time is what batch_timeout_micros and max_batch_size trade)."""
         labels = (model,)
         self._batch_rows.observe(labels, rows)
+        self._batch_run_seconds.observe(labels, run_seconds)
         if padded_rows > rows:
             self._batch_padding.inc(labels, padded_rows - rows)
         for seconds in queue_seconds:

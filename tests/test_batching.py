@@ -145,6 +145,7 @@ async def test_concurrent_calls_merge_and_each_gets_exactly_its_rows(executor: T
         assert result["rows"].tolist() == [8] * call.inputs["x"].shape[0]
     exposition = registry_metrics.exposition()[0].decode()
     assert 'tfgate_backend_batch_padding_rows_total{model="m"} 1.0' in exposition
+    assert 'tfgate_backend_batch_run_seconds_count{model="m"} 1.0' in exposition  # the one batch's time on its thread
 
 
 async def test_a_whole_batch_starts_on_a_thread_before_the_event_loop_runs_anything_else(
