@@ -209,7 +209,7 @@ class Batcher:
             run = unless_expired(latest, lambda: _run_merged(calls, batch.padded_rows, pad), _EXPIRED)
             self._running.add(running)
             try:
-                hand_off(self._executor, run, functools.partial(self._deliver, running))
+                hand_off(self._loop, self._executor, run, functools.partial(self._deliver, running))
             except RuntimeError as error:  # the executor is shut down
                 self._deliver(running, None, error)
         self._schedule(lane)

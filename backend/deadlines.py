@@ -20,14 +20,15 @@ from backend.errors import DeadlineExceeded
 T = TypeVar("T")
 
 
-def hand_off(executor: Executor, work: Callable[[], T], deliver: Callable[[T | None, Exception | None], None]) -> None:
-    """Run `work` on the executor; `deliver(result, error)` gets its outcome back on this event loop in one callback.
+def hand_off(loop: asyncio.AbstractEventLoop, executor: Executor, work: Callable[[], T],
+             deliver: Callable[[T | None, Exception | None], None]) -> None:
+    """Run `work` on the executor; `deliver(result, error)` gets its outcome back on `loop`, the caller's running
+    loop (passed in: asyncio.get_running_loop() makes a getpid() system call in CPython 3.11), in one callback.
 
     Why not `await loop.run_in_executor(...)`: its future is settled by one loop callback and wakes its awaiter with
     another, and a deadline on it (wait_for) adds a third; under load each turn waits behind a pass over every
     readable connection. One `call_soon_threadsafe` from the thread delivers on the next turn. Nothing is delivered
     once the loop is closed (shutdown: nobody waits)."""
-    loop = asyncio.get_running_loop()
 
     def run() -> None:
         result, error = None, None
@@ -49,8 +50,9 @@ async def run_before_deadline(executor: Executor, deadline: float | None, work: 
     it passes while `work` waits for a thread, and the await ends when it passes."""
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded(expired_message)
-    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-    hand_off(executor, unless_expired(deadline, work, expired_message), functools.partial(_settle, future))
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    hand_off(loop, executor, unless_expired(deadline, work, expired_message), functools.partial(_settle, future))
     return await await_before(future, deadline, time.monotonic(), expired_message)
 
 

@@ -47,7 +47,7 @@ _TF_SERVING_MICROS_BUCKETS = tuple(float(f"{10 * 1.8 ** i:.6g}") for i in range(
 _REQUEST_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LOAD_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-_QUEUE_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+_BATCH_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _MICROS_PER_SECOND = 1e6
 
 
@@ -77,10 +77,10 @@ class BackendMetrics:
             "tfgate_backend_batch_padding_rows", "Rows added to batches to reach an allowed batch size.", ["model"])
         self._batch_queue_seconds = LoopHistogram(
             "tfgate_backend_batch_queue_seconds", "Time a request waited in its batching queue.",
-            ["model"], _QUEUE_SECONDS_BUCKETS)
+            ["model"], _BATCH_SECONDS_BUCKETS)
         self._batch_run_seconds = LoopHistogram(
             "tfgate_backend_batch_run_seconds", "Time each batch took on its batch thread: merging the requests, "
-            "the TensorFlow run (padding included) and splitting the outputs.", ["model"], _QUEUE_SECONDS_BUCKETS)
+            "the TensorFlow run (padding included) and splitting the outputs.", ["model"], _BATCH_SECONDS_BUCKETS)
         own.register(LoopMetrics(self._tf_request_count, self._tf_request_latency, self._requests,
                                  self._request_seconds, self._in_flight, self._batch_rows, self._batch_padding,
                                  self._batch_queue_seconds, self._batch_run_seconds))
