@@ -60,7 +60,7 @@ def test_rest_and_grpc_calls_merge_and_each_gets_exactly_its_rows(start_backend:
     backend = start_batching_backend(start_backend, demo_models, tmp_path, batching)
     sizes = [1, 3, 2, 5, 1, 4, 2, 6]
 
-    async def scenario() -> tuple[list[list[float]], list[list[float]]]:
+    async def scenario() -> tuple[list[list[float]], list[list[float]], tuple[int, dict]]:
         async with aiohttp.ClientSession() as session, \
                 grpc.aio.insecure_channel(f"127.0.0.1:{backend.grpc_port}") as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -71,15 +71,24 @@ def test_rest_and_grpc_calls_merge_and_each_gets_exactly_its_rows(start_backend:
                     assert reply.status == 200, await reply.text()
                     return [row[0] for row in (await reply.json())["predictions"]]
 
+            async def malformed() -> tuple[int, dict]:
+                """Its numbers are read on the batch thread, which cannot read `1.2.3`: only this call fails, with
+                the general path's error, and its batch runs for the others."""
+                async with session.post(f"{backend.url}/v1/models/hpt:predict", data=b'{"instances": [[1.2.3]]}',
+                                        headers={"Content-Type": "application/json"}) as reply:
+                    return reply.status, await reply.json()
+
             async def over_grpc(i: int, rows: int) -> list[float]:
                 values = np.array([[1000.0 + 100.0 * i + r] for r in range(rows)], np.float32)
                 reply = await stub.Predict(grpc_request("hpt", values), timeout=30)
                 return tf.make_ndarray(reply.outputs["y"]).reshape(-1).tolist()
 
-            return (await asyncio.gather(*(rest(i, n) for i, n in enumerate(sizes))),
-                    await asyncio.gather(*(over_grpc(i, n) for i, n in enumerate(sizes))))
+            rest_rows, refused = await asyncio.gather(asyncio.gather(*(rest(i, n) for i, n in enumerate(sizes))),
+                                                      malformed())
+            return rest_rows, await asyncio.gather(*(over_grpc(i, n) for i, n in enumerate(sizes))), refused
 
-    rest_rows, grpc_rows = asyncio.run(scenario())
+    rest_rows, grpc_rows, (status, error) = asyncio.run(scenario())
+    assert status == 400 and list(error) == ["error"] and "JSON" in error["error"], error
     for i, rows in enumerate(sizes):
         assert rest_rows[i] == [0.5 * (100.0 * i + r) + 3 for r in range(rows)]
         assert grpc_rows[i] == [0.5 * (1000.0 + 100.0 * i + r) + 3 for r in range(rows)]
