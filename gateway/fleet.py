@@ -3,10 +3,11 @@ running and joined to their pool only while ready.
 
 How it works: `start()` detects GPUs and plans the workers (gateway/fleet_plan.py); each worker gets a slot with one
 task that keeps it running:
-- start `python -m backend` on a free port pair (skipping one whose port another program holds) with the worker's
-  environment (`CUDA_VISIBLE_DEVICES` pins it to its GPU), in its own session so a terminal's Ctrl-C reaches only
-  the gateway, and with a parent-death signal so it cannot outlive a gateway that was killed; its stdout and stderr
-  go to a rotated log file;
+- start `python -m backend` with the worker's environment (`CUDA_VISIBLE_DEVICES` pins it to its GPU), in its own
+  session so a terminal's Ctrl-C reaches only the gateway, and with a parent-death signal so it cannot outlive a
+  gateway that was killed; its stdout and stderr go to a rotated log file. Its port pair is held by the fleet from
+  the moment it is chosen until the process has exited (gateway/fleet_ports.py; a pair another program holds a port
+  of is skipped), so the ports are still free when the backend binds them, once its models are loaded;
 - poll its readiness path until it answers 200 (it exits, or `ready_timeout_s` passes: a crash); once ready, the
   worker joins the pool (`on_change` makes the gateway build a new snapshot from `backends()`; where that happens
   later, in other processes, it returns a future of when it has: a process leaving waits for that before its stop);
@@ -17,8 +18,9 @@ task that keeps it running:
   (SIGTERM lets it finish what it has, SIGKILL after `stop_grace_s`), so capacity never drops.
 `stop()` takes every worker out of the pool first, then stops all processes in parallel.
 
-Guarantees: no task or process outlives `stop()`; `backends()` lists only processes that answered ready and have
-not exited since.
+Guarantees: no task or process outlives `stop()` (a process still starting included); `backends()` lists only
+processes that answered ready and have not exited since; no two processes of the fleet, one stopping included, are
+given a port in common.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import logging.handlers
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -41,7 +42,8 @@ from pathlib import Path
 from gateway.config import Backend, GatewayConfig, HostPort
 from gateway.config_fleet import FleetConfig
 from gateway.devices import Gpu, detect_gpus, run_command
-from gateway.fleet_plan import Worker, choose_pair, plan_workers, port_flags, port_pair
+from gateway.fleet_plan import Worker, plan_workers, port_flags
+from gateway.fleet_ports import FleetPorts, PortLease
 from gateway.metrics import GatewayMetrics, WorkerState
 from gateway.restart_policy import RestartPolicy
 from gateway.upstream_http import HttpPool, UpstreamError
@@ -67,6 +69,7 @@ class _Process:
     grpc: HostPort
     spec: tuple[object, ...]  # what it was started with: a different spec means replace it
     pump: asyncio.Task[None]
+    ports: PortLease  # released once the process has exited
     ready: bool = False
 
 
@@ -81,7 +84,6 @@ class _Slot:
     state: WorkerState = "starting"
     current: _Process | None = None
     replacement: _Process | None = None
-    claimed: tuple[int, ...] = ()  # the ports of a process being started, until current or replacement holds it
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -101,6 +103,7 @@ class Fleet:
         self._run = run
         self._cpu_count = cpu_count or os.cpu_count() or 1
         self._slots: list[_Slot] = []
+        self._ports = FleetPorts(HOST)
         self._roll = asyncio.Lock()  # one replacement at a time across the fleet
         self._stopping = False
 
@@ -177,6 +180,7 @@ class Fleet:
         slots, self._slots = self._slots, []
         self._on_change()
         await asyncio.gather(*(self._retire_slot(slot, self.config) for slot in slots))
+        self._ports.close()  # every process has exited: nothing holds a lease any more
 
     # ---- one worker ---------------------------------------------------------------------------------------------
 
@@ -253,6 +257,7 @@ class Fleet:
     async def _crashed(self, slot: _Slot, process: _Process) -> None:
         slot.current = None
         process.ready = False
+        process.ports.release()
         self._on_change()
         await asyncio.gather(process.pump, return_exceptions=True)
         log.error("fleet: worker %d (pid %d) exited with %s; see %s", slot.worker.index, process.process.pid,
@@ -278,20 +283,22 @@ class Fleet:
         return True
 
     async def _start_ready(self, slot: _Slot) -> _Process | None:
-        """Start a process for `slot` and wait until it is ready; None when it exits or times out first."""
+        """Start a process for `slot` and wait until it is ready; None when it exits or times out first. Cancelled
+        meanwhile (the worker is retired), it stops the process it started: the caller never saw it."""
         if slot.current is None:
             self._set_state(slot, "starting")
-        try:
-            return await self._spawn_and_wait(slot)
-        finally:
-            slot.claimed = ()  # the caller stores a returned process at once, with no await in between
-
-    async def _spawn_and_wait(self, slot: _Slot) -> _Process | None:
         try:
             process = await self._spawn(slot)
         except OSError as error:
             log.error("fleet: cannot start worker %d: %s", slot.worker.index, error)
             return None
+        try:
+            return await self._wait_ready(slot, process)
+        except asyncio.CancelledError:
+            await self._terminate(process, self.config.stop_grace_s)
+            raise
+
+    async def _wait_ready(self, slot: _Slot, process: _Process) -> _Process | None:
         slot.policy.on_started(self._clock())
         deadline = self._clock() + self.config.ready_timeout_s
         while process.process.returncode is None and self._clock() < deadline:
@@ -307,33 +314,36 @@ class Fleet:
                       self.config.ready_timeout_s)
             await self._terminate(process, self.config.stop_grace_s)
         else:
+            process.ports.release()
             await asyncio.gather(process.pump, return_exceptions=True)
             log.error("fleet: worker %d (pid %d) exited with %s before it was ready; see %s", slot.worker.index,
                       process.process.pid, exit_text(process.process.returncode), self._log_path(slot.worker.index))
         return None
 
     async def _spawn(self, slot: _Slot) -> _Process:
-        used = {port for s in self._slots for p in (s.current, s.replacement) if p is not None
-                for port in (p.rest.port, p.grpc.port)}  # ports, not pair numbers: base_port may have changed
-        used.update(port for s in self._slots for port in s.claimed)  # processes still starting hold theirs too
-        choice = choose_pair(self.config.base_port, slot.worker.index, len(self._slots), used, _bindable)
+        # Before the first await: a sibling spawning meanwhile sees the lease (so does one whose process is stopping).
+        lease, choice = self._ports.lease(self.config.base_port, slot.worker.index, len(self._slots))
         for busy in choice.skipped:
-            log.warning("fleet: port %s is in use by another program; worker %d takes a free pair no other worker owns",
-                        " and ".join(map(str, busy)), slot.worker.index)
-        grpc_port, rest_port = port_pair(self.config.base_port, choice.pair)
-        slot.claimed = (grpc_port, rest_port)  # before the first await: a sibling spawning meanwhile must see it
+            log.warning("fleet: %s in use by another program; worker %d takes a free pair no other worker owns",
+                        f"port {busy[0]} is" if len(busy) == 1 else f"ports {' and '.join(map(str, busy))} are",
+                        slot.worker.index)
         command = [sys.executable, "-m", "backend", *port_flags(self.config.base_port, choice.pair),
                    f"--bind_address={HOST}", *self._file_flags(), *slot.worker.flags]
         env = {**self._environ, **slot.worker.env, "PYTHONUNBUFFERED": "1"}
-        child = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent)
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent)
+        except BaseException:
+            lease.release()
+            raise
         pinned = " ".join(f"{name}={value}" for name, value in slot.worker.env.items())
         _write(slot.log, f"---- tfgate fleet: worker {slot.worker.index} pid {child.pid} started: {pinned} "
                          f"{' '.join(command)}")
         assert child.stdout is not None
         pump = asyncio.create_task(_pump(child.stdout, slot.log), name=f"fleet worker {slot.worker.index} log")
-        return _Process(child, choice.pair, HostPort(HOST, rest_port), HostPort(HOST, grpc_port), slot.spec, pump)
+        return _Process(child, choice.pair, HostPort(HOST, lease.rest), HostPort(HOST, lease.grpc), slot.spec, pump,
+                        lease)
 
     async def _terminate(self, process: _Process, grace_s: float) -> None:
         """Out of the pool first, then SIGTERM (the backend drains), SIGKILL after the grace."""
@@ -352,6 +362,7 @@ class Fleet:
                 log.warning("fleet: pid %d did not stop within %.0f s; killing it", child.pid, grace_s)
                 child.kill()
                 await child.wait()
+        process.ports.release()
         await asyncio.gather(process.pump, return_exceptions=True)
 
     async def _answers_ready(self, rest: HostPort) -> bool:
@@ -495,14 +506,3 @@ class FleetSection:
     async def stop(self) -> None:
         if self.fleet is not None:
             await self.fleet.stop()
-
-
-def _bindable(port: int) -> bool:
-    """Whether a listener could bind HOST:port now, as the backend's do (with SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-    return True

@@ -112,11 +112,12 @@ class PairChoice:
 def choose_pair(base_port: int, index: int, workers: int, used_ports: Collection[int],
                 bindable: Callable[[int], bool], probes: int = _PAIRS_PROBED) -> PairChoice:
     """The pair worker `index` of `workers` starts on: its own unless a process of the fleet holds a port of it
-    (`used_ports`: running, replaced and still-starting processes alike), else the lowest pair no process holds and
-    no other worker owns (taking a sibling's own pair would displace the sibling in turn). A pair with a port that
-    is not `bindable` (held by another program, or a connection's local end: base_port may lie in the system's
+    (`used_ports`: starting, serving and stopping processes alike), else the lowest pair no process holds and no
+    other worker owns (taking a sibling's own pair would displace the sibling in turn). A pair with a port that is
+    not `bindable` (held by another program, or a connection's local end: base_port may lie in the system's
     ephemeral range) is passed over, up to `probes` pairs; past them the last one is taken anyway, and the worker's
-    exit at its bind is reported as any other."""
+    exit at its bind is reported as any other. `bindable` is asked about each port at most once, pair by pair, and
+    may take the port it answers True for (the fleet's does, so that it stays free: gateway/fleet_ports.py)."""
     taken = {k for k in range(2 * workers + 2) if set(used_ports).intersection(port_pair(base_port, k))}
     taken.update(other for other in range(workers) if other != index)
     pair = free_pair(index, taken)

@@ -29,7 +29,7 @@ from bench.backend_process import HOST, REPO
 from bench.proxies import ADMIN_KEY, GatewayProcess, gateway_config
 from gateway.certs import CertPaths
 from tests.gateway_support import MODEL
-from tests.process_support import alive, process_environ, wait_for
+from tests.process_support import alive, children, process_environ, wait_for
 
 PREDICT = f"/v1/models/{MODEL}:predict"
 POOL = "backends"  # bench.proxies.gateway_config's one pool
@@ -164,6 +164,7 @@ def test_each_worker_is_pinned_to_one_gpu(start_fleet: Callable[..., GatewayProc
         served = {b["rest"]: b["requests"] for b in gateway.backends()[POOL]}
         assert len(served) == 2 and all(count > 0 for count in served.values()), served
     pids = [w["pid"] for w in workers]
+    assert gateway.process is not None
     gateway.process.send_signal(signal.SIGTERM)
     assert gateway.process.wait(timeout=60) == 0
     assert not [pid for pid in pids if alive(pid)]
@@ -174,6 +175,21 @@ def _fleet_or_none(gateway: GatewayProcess) -> list[dict[str, Any]] | None:
         return gateway.fleet()
     except OSError:
         return None
+
+
+def fleet_diagnostics(gateway: GatewayProcess, workers: list[dict[str, Any]] | None = None,
+                      chars: int = 8000) -> str:
+    """What a fleet failure seen once in CI needs to explain itself: the workers as the admin API showed them, the
+    fleet's lines of the gateway log (starts, exits, rolls, skipped ports) and the tail of each worker's own log (a
+    backend's traceback, say a port it could not bind)."""
+    workers = workers if workers is not None else _fleet_or_none(gateway) or []
+    fleet_lines = [line for line in gateway.log().splitlines() if "tfgate.fleet" in line]
+    parts = [f"fleet: {json.dumps(workers)}", "gateway log, fleet lines:", *fleet_lines[-60:]]
+    for worker in workers:
+        path = Path(worker["log"])
+        tail = path.read_text(errors="replace")[-chars:] if path.exists() else "(no log file)"
+        parts.append(f"---- tail of {path}:\n{tail}")
+    return "\n".join(parts)
 
 
 
@@ -252,7 +268,7 @@ def test_a_fleet_change_rolls_with_no_failed_request(start_fleet: Callable[..., 
         reload = requests.post(gateway.admin + "/admin/reload", headers=BENCH_ADMIN, timeout=30)
         assert reload.status_code == 200, reload.text
         rolled = wait_for(lambda: (w := gateway.fleet()) and all(x["state"] == "ready" and x["pid"] != before[
-            x["worker"]] for x in w) and w, 180, "both workers to roll")
+            x["worker"]] for x in w) and w, 180, "both workers to roll", lambda: fleet_diagnostics(gateway))
         wait_for(lambda: len(gateway.backends()[POOL]) == 2, 10, "the pool to hold just the new workers")
         done = load.statuses[200]
         wait_for(lambda: load.statuses[200] > done + 50, 30, "more load after the roll")
@@ -260,8 +276,45 @@ def test_a_fleet_change_rolls_with_no_failed_request(start_fleet: Callable[..., 
     wait_for(lambda: not [pid for pid in before.values() if alive(pid)], 30, "the old processes to stop")
     for worker in rolled:
         assert b"--rest_api_timeout_in_ms=20000" in Path(f"/proc/{worker['pid']}/cmdline").read_bytes()
-        assert worker["restarts"] == 0
+        assert worker["restarts"] == 0, fleet_diagnostics(gateway, rolled)
     assert {b["rest"] for b in gateway.backends()[POOL]} == {w["rest"] for w in rolled}
+
+
+def test_a_replacement_s_ports_are_the_fleet_s_while_it_loads(start_fleet: Callable[..., GatewayProcess]) -> None:
+    """A backend binds its ports only once its models are loaded, seconds after the fleet chose them: another program
+    (a port-0 listener, or an outgoing connection's local end: the ports may lie in the ephemeral range) that took
+    one meanwhile made the replacement exit and the worker restart. The fleet holds them from the choice on."""
+    gateway = start_fleet({"replicas": 1})
+    (old,) = gateway.fleet()
+    document = yaml.safe_load(gateway.config_path.read_text())
+    document["fleet"]["flags"] = ["--rest_api_timeout_in_ms=20000"]
+    gateway.config_path.write_text(yaml.safe_dump(document))
+    reload = requests.post(gateway.admin + "/admin/reload", headers=BENCH_ADMIN, timeout=30)
+    assert reload.status_code == 200, reload.text
+    assert gateway.process is not None
+    supervisor = gateway.process.pid
+
+    def replacement() -> list[bytes] | None:
+        commands = [_cmdline(pid) for pid in children(supervisor) if pid != old["pid"]]
+        return next((c for c in commands if b"--rest_api_timeout_in_ms=20000" in c), None)
+
+    command = wait_for(replacement, 60, "the replacement to start", lambda: fleet_diagnostics(gateway))
+    ports = [int(arg.partition(b"=")[2]) for arg in command if arg.startswith((b"--port=", b"--rest_api_port="))]
+    assert len(ports) == 2, command
+    for port in ports:  # while it loads (a few seconds), nothing else can bind them
+        with socket.socket() as intruder, pytest.raises(OSError):
+            intruder.bind((HOST, port))
+    rolled = wait_for(lambda: (w := gateway.fleet()) and w[0]["state"] == "ready" and w[0]["pid"] != old["pid"] and w,
+                      180, "the worker to roll", lambda: fleet_diagnostics(gateway))
+    assert rolled[0]["restarts"] == 0, fleet_diagnostics(gateway, rolled)
+    assert rolled[0]["rest"] == f"{HOST}:{ports[1]}"
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 def test_tfgate_up_serves_its_printed_curl_line_and_stops_clean(tmp_path: Path) -> None:
