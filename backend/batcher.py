@@ -38,7 +38,7 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Hashable, Mapping
+from typing import Callable, Hashable
 
 import numpy as np
 
@@ -74,10 +74,9 @@ class _Lane:
 
 @dataclass(slots=True, eq=False)
 class _Outcome:
-    """What a batch thread hands back: each call's outputs (or its own error), in order, and how long the batch took
-    on the thread."""
+    """What a batch thread hands back: each call's outputs, in order, and how long the batch took on the thread."""
 
-    outputs: list[dict[str, np.ndarray] | errors.ServingError]
+    outputs: list[dict[str, np.ndarray]]
     seconds: float
 
 
@@ -232,9 +231,7 @@ class Batcher:
                                     queue_seconds=[running.started - task.enqueued_at for task in batch.tasks],
                                     run_seconds=outcome.seconds)
         for task, result in zip(batch.tasks, outcome.outputs):
-            if isinstance(result, errors.ServingError):
-                _fail(task.payload.future, result)
-            elif not task.payload.future.done():
+            if not task.payload.future.done():
                 task.payload.future.set_result(result)
 
     async def close(self) -> None:
@@ -274,36 +271,20 @@ def _fail_batch(batch: Batch[_Pending], error: Exception) -> None:
 
 
 def _run_merged(calls: list[ModelCall], padded_rows: int, pad_lengths: bool) -> _Outcome:
-    """Read each call's inputs, concatenate them, run once, and split every output back into each call's rows. A
-    call whose inputs cannot be read (a REST body's malformed number) gets its own error and leaves the batch."""
+    """Concatenate the calls' inputs, run once, and split every output back into each call's rows."""
     started = time.perf_counter()
-    read = [_read(call) for call in calls]
-    runnable = [(call.rows or 0, inputs) for call, inputs in zip(calls, read)
-                if not isinstance(inputs, errors.ServingError)]
-    split = iter(_run_and_split(calls[0], runnable, padded_rows, pad_lengths) if runnable else [])
-    outputs = [inputs if isinstance(inputs, errors.ServingError) else next(split) for inputs in read]
-    return _Outcome(outputs, time.perf_counter() - started)
-
-
-def _read(call: ModelCall) -> Mapping[str, np.ndarray] | errors.ServingError:
-    try:
-        return inference.read_inputs(call.inputs)
-    except errors.ServingError as error:
-        return error
-
-
-def _run_and_split(first: ModelCall, runnable: list[tuple[int, Mapping[str, np.ndarray]]], padded_rows: int,
-                   pad_lengths: bool) -> list[dict[str, np.ndarray]]:
-    rows = [count for count, _ in runnable]
-    merged = {name: _concatenate([inputs[name] for _, inputs in runnable], sum(rows), padded_rows, pad_lengths)
-              for name in runnable[0][1]}
-    outputs = inference.run(inference.ModelCall(first.servable, first.signature, merged, first.output_keys))
+    rows = [call.rows or 0 for call in calls]
+    total = sum(rows)
+    merged = {name: _concatenate([call.inputs[name] for call in calls], total, padded_rows, pad_lengths)
+              for name in calls[0].inputs}
+    outputs = inference.run(inference.ModelCall(calls[0].servable, calls[0].signature, merged, calls[0].output_keys))
     for name, value in outputs.items():
         if value.ndim == 0 or value.shape[0] != padded_rows:
             raise errors.Internal(f"output '{name}' has shape {list(value.shape)} for a batch of {padded_rows} rows: "
                                   "this signature cannot be batched (its outputs must keep dimension 0)")
     offsets = np.cumsum([0, *rows])
-    return [{name: value[offsets[i]:offsets[i + 1]] for name, value in outputs.items()} for i in range(len(rows))]
+    split = [{name: value[offsets[i]:offsets[i + 1]] for name, value in outputs.items()} for i in range(len(calls))]
+    return _Outcome(split, time.perf_counter() - started)
 
 
 def _concatenate(values: list[np.ndarray], rows: int, padded_rows: int, pad_lengths: bool) -> np.ndarray:

@@ -10,7 +10,7 @@ REST and gRPC cannot drift apart. Functions here block: callers run them off the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence, TypeAlias
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -23,25 +23,6 @@ REGRESS_INPUTS, REGRESS_OUTPUTS = "inputs", "outputs"
 Classification = list[tuple[bytes, float]]
 
 
-class DeferredInput:
-    """An input whose values are read only when its call runs, on the thread that runs it (a REST body's numbers:
-    backend/numeric_json.py). Its shape and dtype are known before, for validation and batching."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.shape = shape
-        self.dtype = dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def array(self) -> np.ndarray:
-        raise NotImplementedError
-
-
-Input: TypeAlias = "np.ndarray | DeferredInput"
-
-
 # Not frozen: made per request, and a frozen dataclass costs ~3x as much to make (1.3 µs against 0.4).
 @dataclass(slots=True)
 class ModelCall:
@@ -49,7 +30,7 @@ class ModelCall:
 
     servable: Servable
     signature: Signature
-    inputs: Mapping[str, Input]
+    inputs: Mapping[str, np.ndarray]
     output_keys: tuple[str, ...]
 
     @property
@@ -60,17 +41,10 @@ class ModelCall:
 
 
 def run(call: ModelCall) -> dict[str, np.ndarray]:
-    return call.signature.run(read_inputs(call.inputs), call.output_keys)
+    return call.signature.run(call.inputs, call.output_keys)
 
 
-def read_inputs(inputs: Mapping[str, Input]) -> Mapping[str, np.ndarray]:
-    """The inputs as arrays: deferred ones are read now, on the calling thread."""
-    if not any(isinstance(value, DeferredInput) for value in inputs.values()):
-        return inputs  # type: ignore[return-value]  # no deferred input: arrays
-    return {name: value.array() if isinstance(value, DeferredInput) else value for name, value in inputs.items()}
-
-
-def predict_call(servable: Servable, signature_key: str, inputs: Mapping[str, Input],
+def predict_call(servable: Servable, signature_key: str, inputs: Mapping[str, np.ndarray],
                  output_filter: Sequence[str] = ()) -> ModelCall:
     signature = servable.signature(signature_key)
     check_input_names(inputs.keys(), signature.inputs.keys())
@@ -161,7 +135,7 @@ def _examples_call(servable: Servable, signature: Signature, examples: list[byte
 
 
 def _example_count(call: ModelCall) -> int:
-    return next(iter(call.inputs.values())).shape[0]
+    return len(next(iter(call.inputs.values())))
 
 
 def check_input_names(sent: Iterable[str], expected: Iterable[str]) -> None:
@@ -173,7 +147,7 @@ def check_input_names(sent: Iterable[str], expected: Iterable[str]) -> None:
             f"Missing but required: {sorted(expected_set - sent_set)}.")
 
 
-def check_shape(name: str, value: Input, spec: TensorSpec) -> None:
+def check_shape(name: str, value: np.ndarray, spec: TensorSpec) -> None:
     expected = spec.shape
     if expected is None:
         return

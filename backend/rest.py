@@ -33,7 +33,7 @@ from backend.http_server import HttpRequest, HttpResponse
 from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.models import ModelManager
-from backend.numeric_json import UnreadNumbers, parse_numeric_request
+from backend.numeric_json import parse_numeric_request
 from backend.runners import INLINE_OUTPUT_ELEMENTS, INLINE_REQUEST_BYTES, CallRunner, offload_if, output_elements
 from backend.servable import Servable
 from backend.status import metadata_json_dict, status_response, to_json_dict
@@ -164,13 +164,9 @@ class RestApi:
         deadline = time.monotonic() + timeout_s
         prepare, finish = _VERBS[verb]
         try:
-            heavy = len(body) > INLINE_REQUEST_BYTES
-            prepared = await offload_if(heavy, executor, deadline, lambda: prepare(servable, body))
-            try:
-                outputs = await self._runner.run(prepared.call, deadline)
-            except UnreadNumbers:  # predict's fast path scanned the body but could not read a number: read it again
-                prepared = await offload_if(heavy, executor, deadline, lambda: _prepare_general_predict(servable, body))
-                outputs = await self._runner.run(prepared.call, deadline)
+            prepared = await offload_if(len(body) > INLINE_REQUEST_BYTES, executor, deadline,
+                                        lambda: prepare(servable, body))
+            outputs = await self._runner.run(prepared.call, deadline)
             answer = await offload_if(output_elements(outputs) > INLINE_OUTPUT_ELEMENTS, executor, deadline,
                                       lambda: finish(prepared, outputs))
         except errors.DeadlineExceeded:
@@ -209,10 +205,6 @@ def _prepare_predict(servable: Servable, body: bytes) -> _Prepared:
     numeric = parse_numeric_request(body, lambda name: single_numeric_input(servable.signature(name).inputs))
     if numeric is not None:  # the common body, without a Python object per number
         return _Prepared(inference.predict_call(servable, numeric.signature_name, numeric.inputs), numeric.row_format)
-    return _prepare_general_predict(servable, body)
-
-
-def _prepare_general_predict(servable: Servable, body: bytes) -> _Prepared:
     request = decode_json_object(body)
     signature_name = _signature_name(request)
     inputs, row_format = parse_predict_inputs(request, servable.signature(signature_name).inputs)

@@ -20,7 +20,6 @@ from backend.batching import BatchPolicy, BatchQueue, Task
 from backend.batching_config import BatchingParameters
 from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
-from backend.numeric_json import JsonRows, UnreadNumbers
 from backend.servable import Servable, Signature, TensorSpec
 
 POLICY = BatchPolicy(max_batch_size=8, timeout_s=0.002, max_enqueued_batches=2, allowed_batch_sizes=(2, 4, 8))
@@ -147,25 +146,6 @@ async def test_concurrent_calls_merge_and_each_gets_exactly_its_rows(executor: T
     exposition = registry_metrics.exposition()[0].decode()
     assert 'tfgate_backend_batch_padding_rows_total{model="m"} 1.0' in exposition
     assert 'tfgate_backend_batch_run_seconds_count{model="m"} 1.0' in exposition  # the one batch's time on its thread
-
-
-async def test_deferred_inputs_are_read_on_the_batch_thread_and_one_that_fails_leaves_alone(
-        executor: ThreadPoolExecutor) -> None:
-    """A REST body's numbers are read by the thread running the batch; a body with a number it cannot read fails
-    its own call only, and the batch runs for the others."""
-    model = FakeModel()
-    batcher = Batcher(parameters(max_batch_size=4), executor, BackendMetrics())
-    float32 = np.dtype(np.float32)
-    good = JsonRows(b'{"instances": [[1.5, 2.0], [3.0, 4.0]]}', (2, 2), float32)
-    unreadable = JsonRows(b'{"instances": [[1.2.3, 1.0]]}', (1, 2), float32)
-    calls = [model.call(good), model.call(unreadable), model.call(np.ones((1, 2), np.float32))]  # type: ignore[arg-type]
-    try:
-        results = await asyncio.gather(*(batcher.run(call, None) for call in calls), return_exceptions=True)
-    finally:
-        await batcher.close()
-    assert model.runner.batches == [4]  # one run: the 3 rows read, padded to the 4 rows the whole batch held
-    assert isinstance(results[1], UnreadNumbers)
-    assert results[0]["y"].tolist() == [[3.0, 4.0], [6.0, 8.0]] and results[2]["y"].tolist() == [[2.0, 2.0]]
 
 
 async def test_a_whole_batch_starts_on_a_thread_before_the_event_loop_runs_anything_else(

@@ -72,8 +72,8 @@ def test_rest_and_grpc_calls_merge_and_each_gets_exactly_its_rows(start_backend:
                     return [row[0] for row in (await reply.json())["predictions"]]
 
             async def malformed() -> tuple[int, dict]:
-                """Its numbers are read on the batch thread, which cannot read `1.2.3`: only this call fails, with
-                the general path's error, and its batch runs for the others."""
+                """A number simdjson cannot read (`1.2.3`) among batched calls: this call gets the general path's
+                error, and the others their rows."""
                 async with session.post(f"{backend.url}/v1/models/hpt:predict", data=b'{"instances": [[1.2.3]]}',
                                         headers={"Content-Type": "application/json"}) as reply:
                     return reply.status, await reply.json()
