@@ -27,10 +27,49 @@ REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
 
+# Ports this process has handed out: never handed out twice, since callers bind them only later.
+_handed_out: set[int] = set()
+
+
+def free_port_range(count: int) -> int:
+    """A first port with `count` free ports from it (checked by binding them all, at random places), below the
+    system's ephemeral range. The servers bind their ports seconds after this check (a backend loads TensorFlow and its
+    models first; a one-process gateway waits for its fleet), and a port in the ephemeral range could be taken
+    meanwhile by any connection's local end or port-0 listener on the machine: seen in a full suite as a backend's
+    "Failed to bind to address 127.0.0.1:45505". Below it, only another program picking ports the same way can."""
+    end = _ephemeral_start()
+    for _ in range(200):
+        first = 20000 + int.from_bytes(os.urandom(2), "big") % (end - count - 20000)
+        ports = range(first, first + count)
+        if _handed_out.intersection(ports):
+            continue
+        sockets: list[socket.socket] = []
+        try:
+            for port in ports:
+                sockets.append(socket.socket())
+                sockets[-1].bind((HOST, port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        _handed_out.update(ports)
+        return first
+    raise RuntimeError(f"no {count} free consecutive ports")
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    return free_port_range(1)
+
+
+def _ephemeral_start() -> int:
+    """Where the ports the kernel hands out itself begin (Linux's default, 32768, when unknown); 50000 when that
+    leaves too little room above 20000."""
+    try:
+        start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        start = 32768
+    return start if start >= 24000 else 50000
 
 
 class ServerExited(RuntimeError):

@@ -25,7 +25,7 @@ import tensorflow as tf
 import yaml
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from bench.backend_process import HOST, REPO
+from bench.backend_process import HOST, REPO, free_port_range
 from bench.proxies import ADMIN_KEY, GatewayProcess, gateway_config
 from gateway.certs import CertPaths
 from tests.gateway_support import MODEL
@@ -34,38 +34,6 @@ from tests.process_support import alive, children, process_environ, wait_for
 PREDICT = f"/v1/models/{MODEL}:predict"
 POOL = "backends"  # bench.proxies.gateway_config's one pool
 BENCH_ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def free_port_range(count: int) -> int:
-    """A first port with `count` free ports from it (checked by binding them all, at random places), below the
-    system's ephemeral range: a one-process gateway binds its listeners only once its fleet is ready, seconds after
-    the check, and a port in that range could be taken meanwhile by any connection's local end or port-0 listener
-    on the machine. (The fleet holds its own ports from its choice on: gateway/fleet_ports.py.)"""
-    end = _ephemeral_start()
-    for _ in range(200):
-        first = 20000 + int.from_bytes(os.urandom(2), "big") % (end - count - 20000)
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(first, first + count):
-                sockets.append(socket.socket())
-                sockets[-1].bind((HOST, port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no {count} free consecutive ports")
-
-
-def _ephemeral_start() -> int:
-    """Where the ports the kernel hands out itself begin (Linux's default, 32768, when unknown); 50000 when that
-    leaves too little room above 20000."""
-    try:
-        start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        start = 32768
-    return start if start >= 24000 else 50000
 
 
 def fake_nvidia_smi(directory: Path, gpus: int) -> dict[str, str]:
