@@ -47,6 +47,14 @@ def process_environ(pid: int) -> dict[str, str]:
     return dict(entry.split("=", 1) for entry in raw.decode(errors="replace").split("\0") if "=" in entry)
 
 
+def process_cmdline(pid: int) -> list[bytes]:
+    """Its command line, one argument each; [] if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def _stat_fields(pid: int) -> list[str]:
     """/proc/PID/stat after the command name (which may hold spaces): state, parent pid, ...; [] if it is gone."""
     try:

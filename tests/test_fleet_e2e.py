@@ -29,7 +29,7 @@ from bench.backend_process import HOST, REPO, free_port_range
 from bench.proxies import ADMIN_KEY, GatewayProcess, gateway_config
 from gateway.certs import CertPaths
 from tests.gateway_support import MODEL
-from tests.process_support import alive, children, process_environ, wait_for
+from tests.process_support import alive, children, process_cmdline, process_environ, wait_for
 
 PREDICT = f"/v1/models/{MODEL}:predict"
 POOL = "backends"  # bench.proxies.gateway_config's one pool
@@ -133,7 +133,7 @@ def test_each_worker_is_pinned_to_one_gpu(start_fleet: Callable[..., GatewayProc
         environ = process_environ(worker["pid"])
         assert environ["CUDA_VISIBLE_DEVICES"] == str(worker["gpu"]["index"]) == worker["cuda_visible_devices"]
         assert environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-        command = Path(f"/proc/{worker['pid']}/cmdline").read_bytes().split(b"\0")
+        command = process_cmdline(worker["pid"])
         share = max(1, (os.cpu_count() or 1) // gpus)
         assert f"--tensorflow_intra_op_parallelism={share}".encode() in command
     if gpus == 2:  # both serve: the pool balances over the two GPU workers
@@ -172,7 +172,6 @@ def fleet_diagnostics(gateway: GatewayProcess, workers: list[dict[str, Any]] | N
         tail = path.read_text(errors="replace")[-chars:] if path.exists() else "(no log file)"
         parts.append(f"---- tail of {path}:\n{tail}")
     return "\n".join(parts)
-
 
 
 @pytest.mark.parametrize("gateway_workers", [1, 2])
@@ -257,7 +256,7 @@ def test_a_fleet_change_rolls_with_no_failed_request(start_fleet: Callable[..., 
     assert set(load.statuses) == {200}, load.statuses
     wait_for(lambda: not [pid for pid in before.values() if alive(pid)], 30, "the old processes to stop")
     for worker in rolled:
-        assert b"--rest_api_timeout_in_ms=20000" in Path(f"/proc/{worker['pid']}/cmdline").read_bytes()
+        assert b"--rest_api_timeout_in_ms=20000" in process_cmdline(worker["pid"])
         assert worker["restarts"] == 0, fleet_diagnostics(gateway, rolled)
     assert {b["rest"] for b in gateway.backends()[POOL]} == {w["rest"] for w in rolled}
 
@@ -277,7 +276,7 @@ def test_a_replacement_s_ports_are_the_fleet_s_while_it_loads(start_fleet: Calla
     supervisor = gateway.process.pid
 
     def replacement() -> list[bytes] | None:
-        commands = [_cmdline(pid) for pid in children(supervisor) if pid != old["pid"]]
+        commands = [process_cmdline(pid) for pid in children(supervisor) if pid != old["pid"]]
         return next((c for c in commands if b"--rest_api_timeout_in_ms=20000" in c), None)
 
     command = wait_for(replacement, 60, "the replacement to start", lambda: fleet_diagnostics(gateway))
@@ -290,13 +289,6 @@ def test_a_replacement_s_ports_are_the_fleet_s_while_it_loads(start_fleet: Calla
                       180, "the worker to roll", lambda: fleet_diagnostics(gateway))
     assert rolled[0]["restarts"] == 0, fleet_diagnostics(gateway, rolled)
     assert rolled[0]["rest"] == f"{HOST}:{ports[1]}"
-
-
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
 
 
 def test_tfgate_up_serves_its_printed_curl_line_and_stops_clean(tmp_path: Path) -> None:
