@@ -43,8 +43,8 @@ from backend.model_config import ModelConfigError, configs_from_proto
 from backend.models import ModelManager
 from backend.runners import INLINE_OUTPUT_ELEMENTS, INLINE_REQUEST_BYTES, CallRunner, offload_if, output_elements
 from backend.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable
-from backend.status import model_spec, signature_def_map, status_response
-from backend.tensor_proto import to_ndarray, to_tensor_proto
+from backend.status import fill_model_spec, model_spec, signature_def_map, status_response
+from backend.tensor_proto import fill_tensor_proto, to_ndarray
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _rpc(api: str) -> Callable[[Handler], Handler]:
 
 
 def _response_spec(target: model_pb2.ModelSpec, servable: Servable, signature_key: str) -> None:
-    target.CopyFrom(model_spec(servable))
+    fill_model_spec(target, servable)
     target.signature_name = signature_key
 
 
@@ -147,7 +147,7 @@ class PredictionService:
         response = predict_pb2.PredictResponse()
         _response_spec(response.model_spec, call.servable, call.signature.key)
         for name, value in outputs.items():
-            response.outputs[name].CopyFrom(to_tensor_proto(value, self.context.tensor_content))
+            fill_tensor_proto(response.outputs[name], value, self.context.tensor_content)
         return response
 
     @_rpc("classify")

@@ -36,9 +36,15 @@ def signature_def_map(servable: Servable) -> get_model_metadata_pb2.SignatureDef
 
 
 def model_spec(servable: Servable) -> model_pb2.ModelSpec:
-    spec = model_pb2.ModelSpec(name=servable.name)
-    spec.version.value = servable.version
+    spec = model_pb2.ModelSpec()
+    fill_model_spec(spec, servable)
     return spec
+
+
+def fill_model_spec(target: model_pb2.ModelSpec, servable: Servable) -> None:
+    """`target`, an empty spec (a response's), names the servable."""
+    target.name = servable.name
+    target.version.value = servable.version
 
 
 def to_json_dict(message: Any) -> dict[str, Any]:
