@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import grpc
 
+# What a client is told of an unexpected error (a bug), on either edge; the server log has the rest.
+INTERNAL_MESSAGE = "Internal error while serving the request; see the server log"
+
 _HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.CANCELLED: 499,

@@ -113,7 +113,7 @@ def _rpc(api: str) -> Callable[[Handler], Handler]:
                 except Exception:  # the one place an unexpected error stops: logged in full, not sent
                     code = grpc.StatusCode.INTERNAL
                     log.exception("unexpected error in %s", api)
-                    await context.abort(code, "Internal error while serving the request; see the server log")
+                    await context.abort(code, errors.INTERNAL_MESSAGE)
                 finally:
                     spec = getattr(response, "model_spec", None) or getattr(request, "model_spec", None)
                     grpc_context.metrics.observe_request(

@@ -77,8 +77,12 @@ ErrorBody = Callable[[int, str], bytes]
 
 
 def json_error_body(status: int, message: str) -> bytes:
-    """TF Serving's error document, for the answers the server makes by itself."""
-    return orjson.dumps({"error": message})
+    """TF Serving's error document. A message may quote what is not valid Unicode (a lone surrogate, from a file name
+    read with surrogateescape, say), which orjson refuses: that part is escaped rather than failing the answer."""
+    try:
+        return orjson.dumps({"error": message})
+    except TypeError:
+        return orjson.dumps({"error": message.encode("utf-8", "backslashreplace").decode("utf-8")})
 
 
 _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}

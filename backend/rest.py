@@ -29,7 +29,7 @@ import orjson
 from backend import errors, inference
 from backend.examples import serialized_examples_from_json
 from backend.health import Health
-from backend.http_server import HttpRequest, HttpResponse
+from backend.http_server import HttpRequest, HttpResponse, json_error_body
 from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.models import ModelManager
@@ -40,7 +40,6 @@ from backend.status import metadata_json_dict, status_response, to_json_dict
 from backend.tensors import (
     decode_json_object,
     encode_json,
-    error_json,
     parse_predict_inputs,
     predict_response,
     single_numeric_input,
@@ -109,11 +108,11 @@ class RestApi:
                 return await self._route(request, labels)
             except errors.ServingError as error:
                 code = error.code
-                return json_response(error.http_status, error_json(error.message))
+                return json_response(error.http_status, json_error_body(error.http_status, error.message))
             except Exception:  # the one place an unexpected error stops: logged in full, never sent to the client
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unexpected error serving %s %s", request.method, request.path)
-                return json_response(500, error_json("Internal error while serving the request; see the server log"))
+                return json_response(500, json_error_body(500, errors.INTERNAL_MESSAGE))
             finally:
                 if labels.api:
                     self._metrics.observe_request(model=labels.model, version=labels.version, api=labels.api,

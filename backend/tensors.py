@@ -36,22 +36,41 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
         raise InvalidArgument("JSON Parse error: The document is empty")
     try:
         document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise InvalidArgument(f"JSON Parse error: {error}") from None
+    except orjson.JSONDecodeError as strict_error:
+        document = _loads_with_constants(body, strict_error)
     if not isinstance(document, dict):
         raise InvalidArgument("JSON Value is not an object: the request body must be a JSON object")
     return document
 
 
+def _loads_with_constants(body: bytes, strict_error: orjson.JSONDecodeError) -> Any:
+    """The body orjson refused, read by the standard parser, which also takes NaN and Infinity. It takes more than
+    TF Serving does, though: lone surrogates ("\\ud800", which RapidJSON refuses, and which no later step can
+    encode) and any depth (as recursion). So orjson's refusal stands unless a NaN or Infinity token was what it
+    refused, and a document with one still may not hold a lone surrogate."""
+    constants: list[str] = []
+
+    def constant(token: str) -> float:
+        constants.append(token)
+        return float(token)
+
+    try:
+        document = json.loads(body, parse_constant=constant)
+    except RecursionError:
+        raise InvalidArgument(f"JSON Parse error: {strict_error}") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidArgument(f"JSON Parse error: {error}") from None
+    if not constants:
+        raise InvalidArgument(f"JSON Parse error: {strict_error}")
+    try:
+        orjson.dumps(document)
+    except TypeError as error:  # orjson writes NaN as null, so only a string it cannot encode is left
+        raise InvalidArgument(f"JSON Parse error: {error}") from None
+    return document
+
+
 def encode_json(document: Mapping[str, Any]) -> bytes:
     return orjson.dumps(document, option=_JSON_OPTIONS)
-
-
-def error_json(message: str) -> bytes:
-    return orjson.dumps({"error": message})
 
 
 # ---------------------------------------------------------------------------------------------------------------

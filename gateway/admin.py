@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from backend.http_server import HttpRequest, HttpResponse
+from backend.http_server import HttpRequest, HttpResponse, json_error_body
 from gateway.auth import Authenticator, AuthError
 from gateway.config import GatewayConfig, redacted
 
@@ -66,7 +66,7 @@ class Admin:
             try:
                 self._target.authenticator.authenticate_admin(request.headers)
             except AuthError as error:
-                return HttpResponse(status=401, body=orjson.dumps({"error": error.message}),
+                return HttpResponse(status=401, body=json_error_body(401, error.message),
                                     headers=[("www-authenticate", error.challenge or 'Bearer realm="tfgate-admin"')])
         if route is None:
             known = {path for _, path in self._routes}

@@ -23,9 +23,8 @@ from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import quote
 
-import orjson
 
-from backend.http_server import HttpRequest, HttpResponse
+from backend.http_server import HttpRequest, HttpResponse, json_error_body
 from gateway import errors
 from gateway.accesslog import AccessLog, AccessRecord
 from gateway.guard import Guard
@@ -91,7 +90,7 @@ class Edge:
                 response = await self._forward(snapshot, request, record, attempts)
             except errors.GatewayError as error:
                 record.error = attempts.detail or error.message
-                response = HttpResponse(status=error.status, body=orjson.dumps({"error": error.message}),
+                response = HttpResponse(status=error.status, body=json_error_body(error.status, error.message),
                                         headers=list(error.headers))
             elapsed = self._clock() - started
             extra = [("x-request-id", record.request_id)]

@@ -647,3 +647,10 @@ async def test_too_many_header_fields_get_431() -> None:
         answer = await asyncio.wait_for(reader.read(), 10)
         writer.close()
     assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_an_error_body_quoting_what_is_not_unicode_is_still_a_json_error() -> None:
+    """A lone surrogate (a file name read with surrogateescape, say) is escaped, not a failed answer."""
+    body = json_error_body(404, "no model at /models/caf\udce9")
+    assert orjson.loads(body) == {"error": "no model at /models/caf\\udce9"}
+    assert json_error_body(400, "plain") == b'{"error":"plain"}'

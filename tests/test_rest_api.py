@@ -163,6 +163,15 @@ def _error(response: object) -> str:
     ("/v1/models/half_plus_two:predict", b"[1, 2]", 400, "must be a JSON object"),
     # scanned as numbers on the event loop, unreadable on the inference thread: the general path says why
     ("/v1/models/half_plus_two:predict", b'{"instances": [1.0, 1.2.3]}', 400, "JSON Parse error"),
+    # what the standard parser (there for NaN and Infinity) takes but TF Serving's does not: no answer may fail on it
+    ("/v1/models/half_plus_two:predict", b'{"instances": ' + b"[" * 5000 + b"1.0" + b"]" * 5000 + b"}", 400,
+     "JSON Parse error: depth limit exceeded"),
+    ("/v1/models/half_plus_two:predict", b'{"instances": [1.0], "signature_name": "\\ud800"}', 400,
+     "JSON Parse error: no low surrogate in string"),
+    ("/v1/models/half_plus_two:classify", b'{"signature_name": "classify_x_to_y", "examples": [{"x": "\\udc00"}]}', 400,
+     "JSON Parse error: invalid high surrogate in string"),
+    ("/v1/models/half_plus_two:predict", b'{"instances": [NaN], "signature_name": "\\ud800"}', 400,
+     "JSON Parse error: str is not valid UTF-8"),
     ("/v1/models/half_plus_two:predict", {"instances": [1.0], "inputs": [1.0]}, 400, "only one of"),
     ("/v1/models/half_plus_two:predict", {"signature_name": "serving_default"}, 400,
      "Missing 'inputs' or 'instances' key"),
