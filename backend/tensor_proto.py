@@ -42,10 +42,28 @@ def to_ndarray(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec) -> np
         raise InvalidArgument(f"Expects arg[{name}] to be {spec.dtype.name} but {got} is provided")
     if proto.tensor_content and spec.numeric is not None:
         return _packed(name, proto, spec.numeric)
+    if not proto.tensor_content:
+        _check_repetition(name, proto, spec)
     try:
         return tf.make_ndarray(proto)
     except (TypeError, ValueError) as error:
         raise InvalidArgument(f"input '{name}' is not a valid TensorProto: {error}") from None
+
+
+# TensorFlow fills a tensor given fewer typed values than its shape holds by repeating the last one (zeros when there
+# is none), so a request of a few bytes could make the server allocate gigabytes, and then run the model on them: 35
+# bytes asking for 100,000 × 784 floats took 1.5 GB and 5 s of one backend. Such a filled tensor may hold at most
+# this much; a tensor that carries all its values is bounded by the message size instead, as in TF Serving.
+MAX_REPEATED_TENSOR_BYTES = 64 * 1024 * 1024
+
+
+def _check_repetition(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec) -> None:
+    elements = math.prod(dim.size for dim in proto.tensor_shape.dim)
+    values = sum(len(value) for field, value in proto.ListFields() if field.name.endswith("_val"))
+    if values < elements and elements * max(1, spec.dtype.size) > MAX_REPEATED_TENSOR_BYTES:
+        raise InvalidArgument(f"input '{name}' gives {values} values for {elements} elements: TensorFlow would "
+                              f"repeat the last one to more than {MAX_REPEATED_TENSOR_BYTES} bytes, tfgate's limit; "
+                              "send every value (tensor_content is the compact way)")
 
 
 def _packed(name: str, proto: tensor_pb2.TensorProto, dtype: np.dtype) -> np.ndarray:

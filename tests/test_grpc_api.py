@@ -179,6 +179,15 @@ def _error(call: object, *args: object) -> grpc.RpcError:
     return raised.value
 
 
+def _repeated_value_request(rows: int) -> predict_pb2.PredictRequest:
+    """One typed value for `rows` rows of the MLP: TensorFlow would repeat it to fill them (35 bytes asking for GBs)."""
+    request = predict_request("mlp", [1.0])
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0], dtype=tf.float32))
+    request.inputs["x"].tensor_shape.dim[0].size = rows
+    request.inputs["x"].tensor_shape.dim.add(size=784)
+    return request
+
+
 @pytest.mark.parametrize("request_factory, code, message", [
     (lambda: predict_request("nope", [1.0]), grpc.StatusCode.NOT_FOUND, "Servable not found"),
     (lambda: predict_request("half_plus_two", [1.0], version=9), grpc.StatusCode.NOT_FOUND, "Specific"),
@@ -188,6 +197,7 @@ def _error(call: object, *args: object) -> grpc.RpcError:
      "not found in signature def"),
     (lambda: predict_request("mlp", [1.0, 2.0]), grpc.StatusCode.INVALID_ARGUMENT, "expects float32 [-1,784]"),
     (lambda: predict_request("", [1.0]), grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec"),
+    (lambda: _repeated_value_request(100_000), grpc.StatusCode.INVALID_ARGUMENT, "gives 1 values for 78400000"),
 ])
 def test_predict_errors_have_tf_serving_codes(prediction: prediction_service_pb2_grpc.PredictionServiceStub,
                                              request_factory: object, code: grpc.StatusCode, message: str) -> None:

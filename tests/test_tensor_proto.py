@@ -68,6 +68,27 @@ def test_an_output_reads_back_as_the_array_written(value: np.ndarray, as_tensor_
                                           or value.dtype in (np.float16, np.complex64) and value.size > 0)
 
 
+def test_a_few_values_may_not_fill_a_huge_tensor() -> None:
+    """TensorFlow repeats the last typed value to fill the shape: a tiny request must not make the server allocate
+    gigabytes; a small fill, and a tensor that carries all its values, decode as make_ndarray decodes them."""
+    huge = tensor_pb2.TensorProto(dtype=tf.float32.as_datatype_enum, float_val=[1.0])
+    for size in (100_000, 784):
+        huge.tensor_shape.dim.add(size=size)
+    with pytest.raises(InvalidArgument, match=r"input 'x' gives 1 values for 78400000 elements: .* more than 67108864"):
+        to_ndarray("x", huge, TensorSpec(tf.float32, None))
+    strings = tf.make_tensor_proto([b"a"], dtype=tf.string)
+    strings.tensor_shape.dim[0].size = 10**9
+    with pytest.raises(InvalidArgument, match="gives 1 values for 1000000000 elements"):
+        to_ndarray("s", strings, TensorSpec(tf.string, None))
+    small = tf.make_tensor_proto([2.5], dtype=tf.float32)
+    small.tensor_shape.dim[0].size = 1000
+    np.testing.assert_array_equal(to_ndarray("x", small, TensorSpec(tf.float32, None)), np.full(1000, 2.5, np.float32))
+    elements = 8_400_000  # 67.2 MB decoded, past the limit, but every value is sent
+    whole = tensor_pb2.TensorProto(dtype=tf.float64.as_datatype_enum, double_val=np.full(elements, 0.5))
+    whole.tensor_shape.dim.add(size=elements)
+    assert to_ndarray("d", whole, TensorSpec(tf.float64, None)).shape == (elements,)
+
+
 def _packed(value: np.ndarray) -> tensor_pb2.TensorProto:
     """`value` in tensor_content whatever its size (make_tensor_proto puts a scalar in the typed field)."""
     proto = tensor_pb2.TensorProto(dtype=tf.as_dtype(value.dtype).as_datatype_enum, tensor_content=value.tobytes())
