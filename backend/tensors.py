@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
+from collections.abc import Iterable
 from typing import Any, Mapping
 
 import numpy as np
@@ -151,11 +153,21 @@ def to_array(value: Any, spec: TensorSpec, name: str) -> np.ndarray:
         raw = np.asarray(value)
     except ValueError:
         raise InvalidArgument(f"Expecting tensors in list to be of same shape (input '{name}' is ragged)") from None
-    if raw.dtype.kind not in _ACCEPTED_JSON_KINDS[family]:
-        found = "a string" if raw.dtype.kind == "U" else "null or an object" if raw.dtype.kind == "O" else raw.dtype
+    if raw.dtype.kind not in _ACCEPTED_JSON_KINDS[family] or (raw.dtype.kind in "if" and _holds_bool(value, raw.ndim)):
+        found = ("a string" if raw.dtype.kind == "U" else "null or an object" if raw.dtype.kind == "O"
+                 else raw.dtype if raw.dtype.kind not in "if" else "true or false among its numbers")
         raise InvalidArgument(f"JSON Value: input '{name}' holds {found}, which is not of expected type: "
                               f"{np_dtype.name}")
     return numeric_array(raw, np_dtype, name)
+
+
+def _holds_bool(value: Any, depth: int) -> bool:
+    """Whether a regular JSON array of numbers, `depth` deep, also holds true or false: NumPy reads those as 1 and 0
+    when numbers surround them, where TF Serving refuses a boolean for a number."""
+    leaves: Iterable[Any] = value if depth else (value,)
+    for _ in range(depth - 1):
+        leaves = itertools.chain.from_iterable(leaves)
+    return bool in set(map(type, leaves))
 
 
 def single_numeric_input(inputs: Mapping[str, TensorSpec]) -> tuple[str, np.dtype] | None:

@@ -176,6 +176,9 @@ def _error(response: object) -> str:
     ("/v1/models/half_plus_two:predict", {"signature_name": "serving_default"}, 400,
      "Missing 'inputs' or 'instances' key"),
     ("/v1/models/half_plus_two:predict", {"instances": ["x", "y"]}, 400, "not of expected type: float"),
+    # NumPy would read these as 1 and 0 among numbers; TF Serving refuses a boolean for a number
+    ("/v1/models/half_plus_two:predict", {"instances": [1.0, True]}, 400, "holds true or false among its numbers"),
+    ("/v1/models/half_plus_two:predict", {"inputs": {"x": [[2], [False]]}}, 400, "true or false among its numbers"),
     ("/v1/models/half_plus_two:predict", {"instances": [[1.0], [2.0, 3.0]]}, 400, "same shape"),
     ("/v1/models/half_plus_two:predict", {"instances": [1.0], "signature_name": 100}, 400,
      "'signature_name' key must be a string value."),
