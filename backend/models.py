@@ -25,7 +25,7 @@ from typing import Awaitable, Callable, Iterable, Mapping, Protocol
 from backend import errors
 from backend.model_config import ModelConfig, ModelConfigError
 from backend.servable import Servable
-from backend.version_policy import versions_to_unload
+from backend.version_policy import version_directories, versions_to_unload
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class _Model:
     statuses: dict[int, VersionStatus] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)
     missing_path_logged: bool = False
+    clashes_logged: set[tuple[int, str, str]] = field(default_factory=set)  # warned of once, not at every poll
 
 
 class ServingObserver(Protocol):
@@ -199,7 +200,8 @@ class ModelManager:
         to_load = sorted(desired - set(model.serving) - model.failed)
         for version in to_load:
             model.statuses[version] = VersionStatus(version, VersionState.START)
-        results = await asyncio.gather(*(self._load_with_retries(model, version) for version in to_load))
+        results = await asyncio.gather(*(self._load_with_retries(model, version, model.config.base_path /
+                                                                 on_disk[version]) for version in to_load))
         serving = dict(model.serving)
         for version, servable in zip(to_load, results):
             if servable is not None:
@@ -212,22 +214,28 @@ class ModelManager:
         if self._observer is not None:
             self._observer.set_available_versions(model.config.name, len(serving))
 
-    def _scan(self, model: _Model) -> set[int]:
+    def _scan(self, model: _Model) -> dict[int, str]:
+        """The versions under the model's base path, each with the directory it is read from."""
         base = model.config.base_path
         try:
-            entries = list(base.iterdir())
+            entries = [entry.name for entry in base.iterdir() if entry.is_dir()]
         except OSError as error:
             if not model.missing_path_logged:
                 log.warning("model %s: cannot read base path %s (%s); no versions found", model.config.name, base,
                             error.strerror)
                 model.missing_path_logged = True
-            return set()
+            return {}
         model.missing_path_logged = False
-        return {int(entry.name) for entry in entries if entry.name.isdigit() and entry.is_dir()}
+        directories, clashes = version_directories(entries)
+        for version, read, ignored in clashes:
+            if (version, read, ignored) not in model.clashes_logged:
+                log.warning("model %s: directories %s and %s are both version %d; %s is read, as TF Serving does",
+                            model.config.name, read, ignored, version, read)
+        model.clashes_logged = set(clashes)
+        return directories
 
-    async def _load_with_retries(self, model: _Model, version: int) -> Servable | None:
+    async def _load_with_retries(self, model: _Model, version: int, path: Path) -> Servable | None:
         name = model.config.name
-        path = model.config.base_path / str(version)
         attempts = self._policy.max_load_retries + 1
         loop = asyncio.get_running_loop()
         for attempt in range(1, attempts + 1):

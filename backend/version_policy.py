@@ -1,15 +1,38 @@
 """Which versions of a model should be served, given the versions found on disk (TF Serving's version policies).
 
-Plain decision code: no file system, no clock. `latest {num_versions: N}` serves the N highest versions, `all` every
-version, `specific {versions: ...}` exactly the listed ones that exist.
+Plain decision code: no file system, no clock. `version_directories` reads version numbers from a base path's
+entry names, `latest {num_versions: N}` serves the N highest versions, `all` every version, `specific {versions:
+...}` exactly the listed ones that exist.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
 PolicyKind = Literal["latest", "all", "specific"]
+
+_VERSION_NAME = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also takes "²", which int() then refuses
+_MAX_VERSION = 2**63 - 1  # versions are int64 in TF Serving's protos and its directory parser
+
+
+def version_directories(names: Iterable[str]) -> tuple[dict[int, str], list[tuple[int, str, str]]]:
+    """The version each entry name denotes, and the directory it is read from, as TF Serving reads them: a name of
+    digits within int64 ("0007" is version 7, read from 0007/); other names are not versions (TF Serving's parser
+    also takes a sign or spaces, "-1" or " 3", but a request's /versions/N could not name those). When two names
+    denote one version, the one sorting last is read, as in TF Serving; those clashes are returned too, as
+    (version, name read, name ignored), for a warning."""
+    directories: dict[int, str] = {}
+    clashes: list[tuple[int, str, str]] = []
+    for name in sorted(names):
+        if _VERSION_NAME.fullmatch(name) is None or int(name) > _MAX_VERSION:
+            continue
+        version = int(name)
+        if version in directories:
+            clashes.append((version, name, directories[version]))
+        directories[version] = name
+    return directories, clashes
 
 
 @dataclass(frozen=True, slots=True)

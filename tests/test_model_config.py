@@ -13,7 +13,7 @@ from backend.model_config import (
     read_model_config_file,
     single_model,
 )
-from backend.version_policy import VersionPolicy, versions_to_unload
+from backend.version_policy import VersionPolicy, version_directories, versions_to_unload
 
 
 def test_parses_policies_labels_and_paths() -> None:
@@ -87,3 +87,14 @@ def test_unload_only_once_a_wanted_version_serves(desired: set[int], available: 
 def test_the_example_config_parses() -> None:
     names = [model.name for model in read_model_config_file(Path(__file__).parent.parent / "configs/models.config")]
     assert names == ["half_plus_two", "mlp"]
+
+
+@pytest.mark.parametrize("names, versions, clashes", [
+    (["1", "2", "10"], {1: "1", 2: "2", 10: "10"}, []),
+    (["0007", "abc", "-1", "+2", " 3", "4 ", "1e3", "", "\u00b2", "\u0661"], {7: "0007"}, []),
+    (["9223372036854775807", "9223372036854775808"], {2**63 - 1: "9223372036854775807"}, []),
+    (["7", "0007", "007"], {7: "7"}, [(7, "007", "0007"), (7, "7", "007")]),
+])
+def test_version_directories_as_tf_serving_reads_them(names: list[str], versions: dict[int, str],
+                                                     clashes: list[tuple[int, str, str]]) -> None:
+    assert version_directories(names) == (versions, clashes)

@@ -26,9 +26,11 @@ class FakeLoader:
         self.failing: set[int] = set()
         self.gates: dict[int, threading.Event] = {}
         self.calls: list[int] = []
+        self.paths: dict[int, Path] = {}
 
     def __call__(self, name: str, version: int, path: Path) -> Servable:
         self.calls.append(version)
+        self.paths[version] = path
         if version in self.gates:
             assert self.gates[version].wait(10)
         if version in self.failing:
@@ -79,6 +81,24 @@ async def test_latest_version_served_and_swapped_after_the_new_one_loads(tmp_pat
     assert manager.resolve("m").version == 3
     assert [(s.version, s.state) for s in manager.status("m")] == [
         (3, VersionState.AVAILABLE), (2, VersionState.END)]
+
+
+async def test_versions_are_read_from_their_own_directories_and_odd_names_are_not_versions(
+        tmp_path: Path, executor: ThreadPoolExecutor, caplog: pytest.LogCaptureFixture) -> None:
+    """As TF Serving reads a base path: 0007/ is version 7 (and is loaded from 0007/, not 7/), names that are not
+    int64 numbers are skipped, and of two names for one version the last sorted is read, with one warning."""
+    base = tmp_path / "m"
+    for name in ("1", "0007", "08", "8", "99999999999999999999", "\u00b2", "abc", "-3"):
+        (base / name).mkdir(parents=True)
+    (base / "12").write_text("a file, not a version")
+    loader = FakeLoader()
+    manager = manager_with(loader, executor, [])
+    await manager.apply((ModelConfig("m", base, VersionPolicy("all")),))
+    assert loader.paths == {1: base / "1", 7: base / "0007", 8: base / "8"}
+    assert manager.resolve("m").version == 8
+    await manager.sync()
+    clashes = [record.getMessage() for record in caplog.records if "both version" in record.getMessage()]
+    assert clashes == ["model m: directories 8 and 08 are both version 8; 8 is read, as TF Serving does"]
 
 
 async def test_failed_version_is_retried_then_ends_without_taking_down_the_serving_one(
