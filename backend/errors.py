@@ -71,6 +71,14 @@ class ResourceExhausted(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class BodyTooLarge(ResourceExhausted):
+    """A request body past the server's limit: 413 over HTTP, where the server's own limit answers the same."""
+
+    @property
+    def http_status(self) -> int:
+        return 413
+
+
 class Internal(ServingError):
     code = grpc.StatusCode.INTERNAL
 

@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 
 from backend import errors, inference
+from backend.body_encoding import gunzip_body, is_gzip
 from backend.examples import serialized_examples_from_json
 from backend.health import Health
 from backend.http_server import HttpRequest, HttpResponse, json_error_body
@@ -162,9 +163,12 @@ class RestApi:
         timeout_s, executor, body = self._options.timeout_s, self._executor, request.body
         deadline = time.monotonic() + timeout_s
         prepare, finish = _VERBS[verb]
+        gzipped, max_body_bytes = is_gzip(request.headers.get("content-encoding", "")), self._options.max_body_bytes
         try:
-            prepared = await offload_if(len(body) > INLINE_REQUEST_BYTES, executor, deadline,
-                                        lambda: prepare(servable, body))
+            # A gzipped body's size says little of its work once uncompressed, and zlib runs without the GIL.
+            prepared = await offload_if(gzipped or len(body) > INLINE_REQUEST_BYTES, executor, deadline,
+                                        lambda: prepare(servable, gunzip_body(body, max_body_bytes) if gzipped
+                                                        else body))
             outputs = await self._runner.run(prepared.call, deadline)
             answer = await offload_if(output_elements(outputs) > INLINE_OUTPUT_ELEMENTS, executor, deadline,
                                       lambda: finish(prepared, outputs))

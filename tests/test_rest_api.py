@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import requests
 
 from tests.conftest import Backend, write_model_config
 
@@ -149,6 +151,19 @@ def test_metadata_json_matches_tf_serving(backend: Backend) -> None:
     assert signatures["classify_x_to_y"]["method_name"] == "tensorflow/serving/classify"
     labelled = backend.get("/v1/models/half_plus_two/labels/stable/metadata").json()
     assert labelled["model_spec"]["version"] == "1"
+
+
+def test_gzip_bodies_are_uncompressed_as_tf_serving_does(backend: Backend) -> None:
+    """Content-Encoding: gzip bodies are read uncompressed (TF Serving's default), within the body limit (1 MB here),
+    and one that is not gzip is a clear 400."""
+    path, document = backend.url + "/v1/models/half_plus_two:predict", b'{"instances": [1.0, 2.0, 5.0]}'
+    answer = requests.post(path, data=gzip.compress(document), headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert (answer.status_code, answer.json()) == (200, {"predictions": [3.5, 4.0, 5.5]})
+    bomb = gzip.compress(b'{"instances": [' + b"1.0, " * 400_000 + b"1.0]}")
+    too_large = requests.post(path, data=bomb, headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert too_large.status_code == 413 and "once uncompressed" in _error(too_large)
+    not_gzip = requests.post(path, data=document, headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert not_gzip.status_code == 400 and "Unable to uncompress the gzip request body" in _error(not_gzip)
 
 
 def _error(response: object) -> str:
