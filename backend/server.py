@@ -243,10 +243,13 @@ async def _start_grpc(flags: ServerFlags, settings: _Settings, core: _Core, call
         for service in ("", *GRPC_SERVICES):
             await health_service.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"{flags.bind_address}:{flags.port}"
-    if settings.ssl is not None:
-        server.add_secure_port(address, settings.ssl.server_credentials())
-    else:
-        server.add_insecure_port(address)
+    try:
+        if settings.ssl is not None:
+            server.add_secure_port(address, settings.ssl.server_credentials())
+        else:
+            server.add_insecure_port(address)
+    except RuntimeError as error:  # grpc's "Failed to bind to address ...": the port is taken, or not an address
+        raise StartupError(f"cannot serve gRPC (--port): {error}") from None
     await server.start()
     log.info("Running gRPC ModelServer at %s%s ...", address, " (TLS)" if settings.ssl is not None else "")
     return server, health_service
@@ -259,7 +262,10 @@ async def _start_rest(flags: ServerFlags, settings: _Settings, core: _Core) -> H
                           metrics_path=settings.prometheus.path if settings.prometheus.enabled else None)
     api = RestApi(core.manager, core.executor, core.runner, options, core.metrics, core.health)
     server = HttpServer(api.handle, max_body_bytes=flags.rest_api_max_body_bytes)
-    await server.start(flags.bind_address, flags.rest_api_port)
+    try:
+        await server.start(flags.bind_address, flags.rest_api_port)
+    except OSError as error:  # the port is taken, or the address is not this host's
+        raise StartupError(f"cannot serve REST (--rest_api_port): {error.strerror or error}") from None
     log.info("Exporting HTTP/REST API at:%s:%d ...", flags.bind_address, flags.rest_api_port)
     return server
 

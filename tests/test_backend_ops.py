@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +20,7 @@ import requests
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from bench.backend_process import HOST
 from gateway.certs import CertPaths, write_client_cert, write_dev_certs
 from tests.conftest import Backend
 
@@ -84,6 +86,21 @@ def test_bad_ssl_or_monitoring_config_fails_the_start(start_backend: StartBacken
         backend = start_backend(*hpt_flags(demo_models), f"{flag}={bad}", wait=False)
         assert backend.process.wait(timeout=60) == 1  # type: ignore[union-attr]
         assert message in backend.log()
+
+
+@pytest.mark.parametrize("taken, message", [
+    ("rest", "cannot serve REST (--rest_api_port): "), ("grpc", "cannot serve gRPC (--port): Failed to bind"),
+])
+def test_a_taken_port_fails_the_start_with_one_clear_line(demo_models: Path, tmp_path: Path, taken: str,
+                                                          message: str) -> None:
+    backend = Backend(list(hpt_flags(demo_models)), tmp_path / "backend.log")
+    with socket.create_server((HOST, backend.rest_port if taken == "rest" else backend.grpc_port)):
+        backend.start()
+        try:
+            assert backend.process.wait(timeout=60) == 1  # type: ignore[union-attr]
+        finally:
+            backend.stop()
+    assert message in backend.log() and "Traceback" not in backend.log()
 
 
 def test_health_probes(start_backend: StartBackend, demo_models: Path) -> None:
