@@ -119,6 +119,9 @@ class BackendMetrics:
         self._paths: dict[str, set[str]] = {}  # model -> version directories seen, for forget_model
         self._paths_lock = threading.Lock()  # loads are observed on executor threads
         self._request_labels: dict[tuple[str, int | None, str, str, str], _RequestLabels] = {}
+        # Models the config names: the only names a request's series carry. A name a client made up is "", or a
+        # flood of made-up names would make a series each, without bound, in memory and in every scrape.
+        self._configured: set[str] = set()
         self._in_flight_counts = {entrypoint: GaugeCount(self._in_flight, (entrypoint,)) for entrypoint in ENTRYPOINTS}
         for entrypoint in ENTRYPOINTS:  # exported at 0 from the start: alerts see 0, not no data
             self._in_flight.set((entrypoint,), 0)
@@ -127,8 +130,10 @@ class BackendMetrics:
                         seconds: float) -> None:
         """One finished request. `api` is predict, classify, regress, multi_inference, get_model_metadata or
         get_model_status; `entrypoint` one of ENTRYPOINTS; `code` a gRPC status code name ("OK", "NOT_FOUND", ...);
-        `model` "" when the request named none.
+        `model` "" when the request named none, or one the config does not (see set_available_versions).
         """
+        if model not in self._configured:
+            model = ""
         key = (model, version, api, entrypoint, code)
         labels = self._request_labels.get(key)
         if labels is None:
@@ -173,10 +178,13 @@ class BackendMetrics:
             self._batch_queue_seconds.observe(labels, seconds)
 
     def set_available_versions(self, model: str, count: int) -> None:
+        """Called for every configured model at each sync, so it also says which models are configured."""
+        self._configured.add(model)
         self._versions_available.labels(model).set(count)
 
     def forget_model(self, model: str) -> None:
         """Stops exporting every series of a model that left the config, its versions' directories included."""
+        self._configured.discard(model)
         for metric, label in self._by_model:
             metric.remove_by_labels({label: model})
         for family, label in self._loop_by_model:

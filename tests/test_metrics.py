@@ -33,6 +33,8 @@ def registry() -> CollectorRegistry:
 def metrics(registry: CollectorRegistry) -> BackendMetrics:
     """A backend that served a few requests, loaded v1, failed v2 once, and has a second model."""
     metrics = BackendMetrics(registry)
+    metrics.set_available_versions(MODEL, 1)  # the models are configured before requests name them
+    metrics.set_available_versions("other", 1)
     metrics.observe_request(model=MODEL, version=1, api="predict", entrypoint="REST", code="OK", seconds=0.004)
     metrics.observe_request(model=MODEL, version=1, api="predict", entrypoint="REST", code="OK", seconds=0.006)
     metrics.observe_request(model=MODEL, version=None, api="classify", entrypoint="GRPC", code="INVALID_ARGUMENT",
@@ -44,9 +46,26 @@ def metrics(registry: CollectorRegistry) -> BackendMetrics:
     metrics.observe_load(model=MODEL, version=2, path=V2, seconds=0.25, ok=False)
     metrics.observe_load(model="other", version=7, path="/models/other/7", seconds=0.5, ok=True)
     metrics.observe_warmup(path=V1, seconds=0.3)
-    metrics.set_available_versions(MODEL, 1)
-    metrics.set_available_versions("other", 1)
     return metrics
+
+
+def test_a_model_the_config_does_not_name_is_counted_without_its_name(registry: CollectorRegistry,
+                                                                      metrics: BackendMetrics) -> None:
+    """Made-up names (typos, or a flood of them) share one series instead of making one each; a model removed
+    from the config is counted the same from then on."""
+    for made_up in ("nope", 'evil"\nname', "x" * 1000):
+        metrics.observe_request(model=made_up, version=None, api="predict", entrypoint="REST", code="NOT_FOUND",
+                                seconds=0.0001)
+    metrics.forget_model("other")
+    metrics.observe_request(model="other", version=None, api="predict", entrypoint="GRPC", code="NOT_FOUND",
+                            seconds=0.0001)
+    samples = [sample for family in registry.collect() if family.name == "tfgate_backend_requests"
+               for sample in family.samples if sample.name.endswith("_total")]
+    assert {sample.labels["model"] for sample in samples} == {MODEL, ""}
+    assert registry.get_sample_value("tfgate_backend_requests_total", {
+        "model": "", "version": "", "api": "predict", "entrypoint": "REST", "code": "NOT_FOUND"}) == 3
+    assert registry.get_sample_value("tensorflow_serving_request_count_total",
+                                     {"model_name": "", "status": "NOT_FOUND"}) == 4
 
 
 def test_requests_count_by_model_version_api_entrypoint_and_code(registry: CollectorRegistry,
