@@ -97,7 +97,11 @@ class AccessLog:
     def write(self, record: AccessRecord) -> None:
         if self._stream is None:
             return
-        self._buffer += orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        try:
+            line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:  # a value orjson refuses, such as a lone surrogate in a token's `sub`: the line is kept
+            line = orjson.dumps(_encodable(record), option=orjson.OPT_APPEND_NEWLINE)
+        self._buffer += line
         if len(self._buffer) >= _FLUSH_BYTES:
             self.flush()
         elif self._timer is None:
@@ -141,6 +145,19 @@ class AccessLog:
             self._last_warning = now
             log.warning("access log: its reader is not keeping up (%d bytes wait for it); dropped %d line(s), %d so "
                         "far", self._max_pending_bytes, lines, self.dropped_lines)
+
+
+def _encodable(record: AccessRecord) -> dict[str, object]:
+    """The record's fields as orjson takes them: text that is not valid Unicode (lone surrogates, which JSON input
+    such as a JWT's claims may hold) with that part escaped, integers beyond 64 bits as text."""
+    out: dict[str, object] = {}
+    for key, value in vars(record).items():
+        if isinstance(value, str):
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        elif isinstance(value, int) and not -(1 << 63) <= value < (1 << 64):
+            value = str(value)
+        out[key] = value
+    return out
 
 
 class _Writer:

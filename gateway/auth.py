@@ -248,6 +248,10 @@ class Authenticator:
             models = models.split()
         if not isinstance(models, (list, tuple)) or not all(isinstance(glob, str) for glob in models):
             raise _invalid(f"the {config.models_claim} claim must be a list of strings or a space-separated string")
+        try:
+            expires_at = float(claims["exp"])
+        except OverflowError:  # pyjwt takes any integer (10**400); as for its own "Infinity", a malformed token
+            raise _invalid("malformed token") from None
         subject = claims.get("sub")
         return Principal(subject or "jwt", "jwt", tuple(models), ALL_METHODS, config.rate, _NO_RATES, "jwt",
-                         expires_at=float(claims["exp"]))
+                         expires_at=expires_at)

@@ -229,6 +229,10 @@ def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None
                           f"({chr(exc.character)!r})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}") from exc
+    except RecursionError:  # PyYAML builds nested collections recursively: ~500 levels of [[[...]]] exhaust the stack
+        raise ConfigError("invalid YAML: collections nested too deeply") from None
+    except ValueError as exc:  # a scalar its constructor refuses: a date such as 2024-13-45, an int of 5,000 digits
+        raise ConfigError(f"invalid YAML: {exc}") from None
     if doc is None:
         raise ConfigError("the config is empty; it needs at least tls, pools and routes")
     if not isinstance(doc, dict):
@@ -404,13 +408,20 @@ def _key_path(parts: Any) -> str:
     return text
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _drop_nulls(value: Any, schema: Mapping[str, Any], path: list[Any]) -> Any:
-    """Drop known keys whose value is null (absent, so defaults apply) and refuse NaN and infinities.
+    """Drop known keys whose value is null (absent, so defaults apply) and refuse NaN, infinities and integers beyond
+    64 bits: YAML reads any number of digits, and one too large for a float (a split weight, a burst) or for TF
+    Serving's int64 versions would fail every request it applies to, not the reload.
 
     Unknown keys keep their nulls so the schema still reports them.
     """
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError("must be a finite number", _key_path(path))
+    if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+        raise ConfigError("out of range: an integer here must fit in 64 bits", _key_path(path))
     if isinstance(value, dict):
         known = schema.get("properties", {})
         extra = schema.get("additionalProperties")

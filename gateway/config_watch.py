@@ -17,12 +17,15 @@ watcher's thread, never the event loop.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import watchfiles
+
+log = logging.getLogger("tfgate.gateway")
 
 _MAX_LINKS = 40  # as the kernel's own limit on symlinks followed in one lookup
 
@@ -35,7 +38,8 @@ class _Way(NamedTuple):
 
 
 async def watch_config(path: Path, reload: Callable[[str], Awaitable[object]]) -> None:
-    """Call `reload("file changed")` each time the config file changes, until cancelled."""
+    """Call `reload("file changed")` each time the config file changes, until cancelled; an exception it raises is
+    logged and the watch goes on."""
     path = Path(os.path.abspath(path))
     seen = _identity(path)
     while True:
@@ -45,7 +49,10 @@ async def watch_config(path: Path, reload: Callable[[str], Awaitable[object]]) -
             identity = _identity(path)
             if identity is not None and identity != seen:
                 seen = identity
-                await reload("file changed")
+                try:
+                    await reload("file changed")
+                except Exception:  # nothing awaits this task before the stop: ending it would go unseen, and
+                    log.exception("config reload (file changed) failed")  # every later edit would be ignored
             if _way(path) != way:
                 break  # a link now leads elsewhere (or a watched directory is gone): watch along the new way
 
