@@ -222,6 +222,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._head_bytes = 0
+        self._trailer_bytes = 0
         self._waiting = _HEAD
         self._continue_due = False  # owe the client a 100 Continue as soon as it is its turn
         # Answering.
@@ -283,11 +284,18 @@ class _Connection(asyncio.BufferedProtocol):
         self._url = b""
         self._headers = {}
         self._body_bytes = 0
+        self._trailer_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._waiting == _BODY:  # a chunked body's trailer section, which the head's byte limit does not cover
+            self._trailer_bytes += len(name) + len(value)
+            if self._trailer_bytes > _MAX_HEAD_BYTES:
+                self._refuse(431, f"Request trailer fields are larger than the limit of {_MAX_HEAD_BYTES} bytes")
+                raise _StopParsing
+            return  # dropped, not merged into the headers (RFC 9110 6.5.1): a credential there must not count
         if len(self._headers) >= _MAX_HEADER_FIELDS:
             self._refuse(431, f"Too many request header fields (the limit is {_MAX_HEADER_FIELDS})")
             raise _StopParsing
