@@ -48,10 +48,10 @@ from backend.tensors import (
 
 log = logging.getLogger(__name__)
 
-_MODEL_PATH = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+_MODEL_PATH = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
 _PREDICTION_PATH = re.compile(_MODEL_PATH + r":(?P<verb>classify|regress|predict)", re.IGNORECASE)
 _STATUS_PATH = re.compile(_MODEL_PATH + r"(?P<metadata>/metadata)?", re.IGNORECASE)
-_MODEL_READY_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?/ready")
+_MODEL_READY_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]+))?/ready")
 _INT64_MAX = 2**63 - 1
 ENTRYPOINT = "REST"
 

@@ -33,7 +33,7 @@ from gateway.routes import RouteDecision
 from gateway.snapshot import Snapshot
 from gateway.upstream import Attempts, Upstreams
 
-_MODEL_URL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d{1,18})|/labels/(?P<label>[^/:]+))?"
+_MODEL_URL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]{1,18})|/labels/(?P<label>[^/:]+))?"
                         r"(?P<tail>:(?:predict|classify|regress)|/metadata)?", re.IGNORECASE)
 # The method a URL calls, as auth grants name them, by what follows the model (and version or label) in the URL.
 _METHODS = {"predict": "predict", "classify": "classify", "regress": "regress", "metadata": "metadata", "": "status"}

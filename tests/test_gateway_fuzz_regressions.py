@@ -120,3 +120,13 @@ async def test_a_reload_that_raises_does_not_end_the_file_watch(tmp_path: Path,
             await task
     assert seen == ["second", "third"]
     assert "config reload (file changed) failed" in caplog.text and "a bug while reloading" in caplog.text
+
+
+async def test_a_version_in_the_url_is_ascii_digits(start_gateway: Any, certs: CertPaths,  # noqa: F811
+                                                    proxies: list[DelayProxy]) -> None:
+    """Found: /versions/١ (an Arabic-Indic one) was served as version 1, by the gateway and the backend alike:
+    Python's \\d takes any Unicode digit, TF Serving's RE2 pattern only 0-9."""
+    gw = await start_gateway(config_document(certs, proxies))
+    status, body, _ = await gw.predict(f"/v1/models/{MODEL}/versions/%D9%A1:predict")
+    assert status == 404 and "No such endpoint" in body["error"], body
+    assert (await gw.predict(f"/v1/models/{MODEL}/versions/1:predict"))[0] == 200

@@ -217,6 +217,8 @@ def _error(response: object) -> str:
     ("/v1/models/half_plus_two/versions/99999999999999999999:predict", {"instances": [1.0]}, 400,
      "Failed to convert version"),
     ("/v1/models/half_plus_two/version/1:predict", {"instances": [1.0]}, 400, "Malformed request"),
+    # a version is ASCII digits, as TF Serving's RE2 \d: not "١" (Arabic-Indic one), which Python's \d takes
+    ("/v1/models/half_plus_two/versions/%D9%A1:predict", {"instances": [1.0]}, 400, "Malformed request"),
 ])
 def test_bad_requests_get_tf_serving_errors(backend: Backend, path: str, body: object, status: int,
                                              message: str) -> None:
