@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import quote
 
-
 from backend.http_server import HttpRequest, HttpResponse, json_error_body
 from gateway import errors
 from gateway.accesslog import AccessLog, AccessRecord
