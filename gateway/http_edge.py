@@ -19,7 +19,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 from urllib.parse import quote
 
@@ -45,6 +45,14 @@ _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "tra
                             "x-request-id", "x-forwarded-for"})
 _NOT_RETURNED = frozenset({b"content-type", b"content-length", b"date", b"server", b"x-request-id",
                            b"x-tfgate-upstream"})
+
+
+def _forwarded_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The client's headers that go upstream: neither ours, credentials nor hop-by-hop, which includes any field the
+    client's Connection header names (RFC 9110 7.6.1), as nginx and Envoy drop them."""
+    named = headers.get("connection", "")
+    hop_by_hop = _NOT_FORWARDED | {token.strip().lower() for token in named.split(",")} if named else _NOT_FORWARDED
+    return [(key, value) for key, value in headers.items() if key not in hop_by_hop]
 
 
 class RequestIds:
@@ -136,7 +144,7 @@ class Edge:
         record.version, record.label = decision.version, decision.label
         explicit = url_version is not None or url_label is not None
         path = _upstream_path(request, name, tail, explicit, decision)
-        headers = [(key, value) for key, value in request.headers.items() if key not in _NOT_FORWARDED]
+        headers = _forwarded_headers(request.headers)
         client = request.peer.rsplit(":", 1)[0].strip("[]")
         headers += [("x-request-id", record.request_id), ("x-forwarded-for", client)]
         deadline = self._clock() + snapshot.config.limits.request_timeout_s

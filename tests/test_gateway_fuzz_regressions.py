@@ -130,3 +130,14 @@ async def test_a_version_in_the_url_is_ascii_digits(start_gateway: Any, certs: C
     status, body, _ = await gw.predict(f"/v1/models/{MODEL}/versions/%D9%A1:predict")
     assert status == 404 and "No such endpoint" in body["error"], body
     assert (await gw.predict(f"/v1/models/{MODEL}/versions/1:predict"))[0] == 200
+
+
+def test_fields_the_connection_header_names_are_not_forwarded() -> None:
+    """Found: a client's `Connection: x-internal` still sent X-Internal upstream; hop-by-hop fields stop at the
+    gateway (RFC 9110 7.6.1), as they do at nginx and Envoy."""
+    from gateway.http_edge import _forwarded_headers
+
+    headers = {"connection": "keep-alive, X-Internal ,x-other", "x-internal": "1", "x-other": "2", "x-kept": "3",
+               "content-type": "application/json", "authorization": "Bearer secret", "te": "trailers"}
+    assert _forwarded_headers(headers) == [("x-kept", "3"), ("content-type", "application/json")]
+    assert _forwarded_headers({"x-kept": "3"}) == [("x-kept", "3")]
