@@ -11,6 +11,14 @@ import grpc
 
 # What a client is told of an unexpected error (a bug), on either edge; the server log has the rest.
 INTERNAL_MESSAGE = "Internal error while serving the request; see the server log"
+# gRPC status details travel as the grpc-message trailer, percent-encoded, and clients refuse metadata past 16 KB: a
+# message echoing a 100 KB name reached the client as RESOURCE_EXHAUSTED "Stream removed" instead of its own code.
+MAX_DETAILS_CHARS = 1000
+
+
+def status_details(message: str) -> str:
+    """`message` as gRPC status details: cut to MAX_DETAILS_CHARS, since it may echo a client's name of any length."""
+    return message if len(message) <= MAX_DETAILS_CHARS else message[:MAX_DETAILS_CHARS] + "… (cut)"
 
 _HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,

@@ -27,7 +27,7 @@ from typing import Callable
 import grpc
 import tensorflow as tf
 from grpc_health.v1 import health as grpc_health
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from backend.batcher import Batcher
 from backend.batching_config import (
@@ -38,6 +38,7 @@ from backend.batching_config import (
     schedulable_cpus,
 )
 from backend.flags import ServerFlags
+from backend.grpc_health_service import add_health
 from backend.grpc_service import GrpcContext, add_services
 from backend.health import Health, InFlight
 from backend.http_server import HttpServer
@@ -238,8 +239,7 @@ async def _start_grpc(flags: ServerFlags, settings: _Settings, core: _Core, call
                                      tensor_content=flags.enable_serialization_as_tensor_content))
     health_service = None
     if flags.enable_grpc_healthcheck_service:
-        health_service = grpc_health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+        health_service = add_health(server)
         for service in ("", *GRPC_SERVICES):
             await health_service.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"{flags.bind_address}:{flags.port}"

@@ -53,14 +53,43 @@ def to_ndarray(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec) -> np
 # TensorFlow fills a tensor given fewer typed values than its shape holds by repeating the last one (zeros when there
 # is none), so a request of a few bytes could make the server allocate gigabytes, and then run the model on them: 35
 # bytes asking for 100,000 × 784 floats took 1.5 GB and 5 s of one backend. Such a filled tensor may hold at most
-# this much; a tensor that carries all its values is bounded by the message size instead, as in TF Serving.
-MAX_REPEATED_TENSOR_BYTES = 64 * 1024 * 1024
+# this much (at 64 MiB a 41-byte request still cost 850 MB, since an answer's typed values are encoded from Python
+# floats); a tensor that carries all its values is bounded by the message size instead, as in TF Serving.
+MAX_REPEATED_TENSOR_BYTES = 8 * 1024 * 1024
+# What one repeated string costs besides its bytes: a reference in make_ndarray's list and in its object array, then
+# TensorFlow's tstring. Without it a 1-byte string counted 1 byte: 40 bytes asking for 60 million "a" took 6 GB and
+# minutes of one backend, long enough for the gateway to mark it unhealthy.
+STRING_ELEMENT_OVERHEAD_BYTES = 40
+
+# The typed field make_ndarray reads each dtype's values from (it ignores the others), and how many of its numbers
+# make one element.
+_VALUES_FIELD: dict[int, tuple[str, int]] = {
+    **{dtype: (field, 1) for dtype, field in _TYPED_FIELD.items()},
+    types_pb2.DT_STRING: ("string_val", 1),
+    types_pb2.DT_HALF: ("half_val", 1),
+    types_pb2.DT_BFLOAT16: ("half_val", 1),
+    types_pb2.DT_COMPLEX64: ("scomplex_val", 2),
+    types_pb2.DT_COMPLEX128: ("dcomplex_val", 2),
+}
 
 
 def _check_repetition(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec) -> None:
-    elements = math.prod(dim.size for dim in proto.tensor_shape.dim)
-    values = sum(len(value) for field, value in proto.ListFields() if field.name.endswith("_val"))
-    if values < elements and elements * max(1, spec.dtype.size) > MAX_REPEATED_TENSOR_BYTES:
+    """Refuse, with a message that says why, the typed values make_ndarray would fail on with NumPy's words ("index
+    can't contain negative values") or would repeat past MAX_REPEATED_TENSOR_BYTES."""
+    shape = [dim.size for dim in proto.tensor_shape.dim]
+    if min(shape, default=0) < 0:
+        raise InvalidArgument(f"input '{name}' is not a valid TensorProto: shape {shape} has a negative size")
+    elements = math.prod(shape)
+    field, per_element = _VALUES_FIELD.get(proto.dtype, ("", 1))
+    typed = getattr(proto, field) if field else ()
+    values = len(typed) // per_element
+    if values > elements:
+        raise InvalidArgument(f"input '{name}' is not a valid TensorProto: {values} values in {field} for shape "
+                              f"{shape} of {elements} elements")
+    element_bytes = max(1, spec.dtype.size)
+    if field == _STRING_FIELD:
+        element_bytes = (len(typed[-1]) if typed else 0) + STRING_ELEMENT_OVERHEAD_BYTES
+    if values < elements and elements * element_bytes > MAX_REPEATED_TENSOR_BYTES:
         raise InvalidArgument(f"input '{name}' gives {values} values for {elements} elements: TensorFlow would "
                               f"repeat the last one to more than {MAX_REPEATED_TENSOR_BYTES} bytes, tfgate's limit; "
                               "send every value (tensor_content is the compact way)")

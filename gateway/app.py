@@ -28,6 +28,7 @@ import grpc
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1.health import aio as health_aio
 
+from backend.grpc_health_service import add_health
 from backend.http_server import HttpServer, json_error_body
 from gateway.accesslog import AccessLog
 from gateway.admin import Admin
@@ -36,7 +37,7 @@ from gateway.config import GatewayConfig
 from gateway.config_watch import watch_config
 from gateway.fleet import FleetSection
 from gateway.grpc_descriptors import DescriptorError, served_pool
-from gateway.grpc_edge import GrpcEdge, add_health, add_reflection, set_serving
+from gateway.grpc_edge import GrpcEdge, add_reflection, set_serving
 from gateway.guard import Guard
 from gateway.http_edge import Edge
 from gateway.metrics import GatewayMetrics

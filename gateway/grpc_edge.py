@@ -30,13 +30,14 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf.descriptor_pool import DescriptorPool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio  # grpc_health's public name for its asyncio servicer
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis.model_pb2 import ModelSpec
 
 from backend.deadlines import cancelled_code
+from backend.errors import status_details
 from gateway import errors
 from gateway.accesslog import AccessLog, AccessRecord
 from gateway.auth import AuthError
@@ -121,8 +122,8 @@ class GrpcEdge(grpc.GenericRpcHandler):
         log.warning("HandleReloadConfigRequest by admin key %r sent to %d backend(s): %d failed", admin,
                     len(answers), len(failed))
         if failed:
-            await context.abort(failed[0].code, f"{len(failed)} of {len(answers)} backends failed: "
-                                                f"{failed[0].details}")
+            summary = f"{len(failed)} of {len(answers)} backends failed: {failed[0].details}"
+            await context.abort(failed[0].code, status_details(summary))
         return answers[0].body
 
     async def close(self) -> None:
@@ -153,7 +154,7 @@ class GrpcEdge(grpc.GenericRpcHandler):
             trailing += (("x-tfgate-upstream", attempts.upstream),)
         context.set_trailing_metadata(trailing)
         if answer.code is not grpc.StatusCode.OK:
-            await context.abort(answer.code, answer.details)
+            await context.abort(answer.code, status_details(answer.details))
         return answer.body
 
     def _observe(self, record: AccessRecord, attempts: Attempts, elapsed: float, code: grpc.StatusCode,
@@ -255,13 +256,6 @@ def _client_certificate(context: grpc.aio.ServicerContext) -> bytes | None:
     """The client's verified certificate (DER) when it sent one: gRPC's auth context holds it as PEM."""
     pems: Any = context.auth_context().get("x509_pem_cert")
     return _der(pems[0]) if pems else None
-
-
-def add_health(server: grpc.aio.Server) -> health_aio.HealthServicer:
-    """`grpc.health.v1`, open like /healthz: the gateway's own readiness, overall and per service."""
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    return health
 
 
 def add_reflection(server: grpc.aio.Server, pool: DescriptorPool) -> None:

@@ -235,6 +235,15 @@ def test_health_service(channel: grpc.Channel) -> None:
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_a_health_request_that_does_not_parse_is_invalid_argument(channel: grpc.Channel) -> None:
+    """Found fuzzing: such bytes got UNKNOWN naming a Python exception, and a traceback in the log, each time; the
+    backend now registers health as the gateway does (backend/grpc_health_service.py)."""
+    with pytest.raises(grpc.RpcError) as raised:
+        channel.unary_unary("/grpc.health.v1.Health/Check")(b"\x0a\x80", timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert raised.value.details() == "The request is not a valid grpc.health.v1.HealthCheckRequest"  # type: ignore
+
+
 def test_reload_config_adds_and_removes_models(model_service: model_service_pb2_grpc.ModelServiceStub,
                                                prediction: prediction_service_pb2_grpc.PredictionServiceStub,
                                                demo_models: Path) -> None:

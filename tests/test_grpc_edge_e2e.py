@@ -169,6 +169,46 @@ async def test_a_malformed_request_is_invalid_argument(start: Any, certs: CertPa
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_a_request_malformed_inside_the_model_spec_check_is_invalid_argument_from_the_backend(
+        start: Any, certs: CertPaths, backends: list[BackendProcess]) -> None:
+    """The gateway reads only the model spec: bytes past it that do not parse reach the backend, which answered
+    UNKNOWN naming a Python exception (DecodeError) before it parsed requests itself."""
+    channel = await start(document(certs, backends))
+    raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+    request = predict_request().SerializeToString() + b"\x12\x03\x0a\x01\xff"  # an inputs entry that does not parse
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await raw(request, metadata=[("x-api-key", KEY)], timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid tensorflow.serving.PredictRequest" in raised.value.details()
+    assert (await predict(channel))[0] == [3.0]
+
+
+async def test_a_request_of_millions_of_tiny_fields_is_refused_before_it_holds_the_gateway(
+        start: Any, certs: CertPaths, backends: list[BackendProcess]) -> None:
+    """Reading 2 million two-byte fields for the model spec held the gateway's event loop for seconds, even without
+    credentials."""
+    channel = await start(document(certs, backends))
+    raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await raw(b"\x78\x00" * 2_000_000 + predict_request().SerializeToString(), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than 10000 fields in one message" in raised.value.details()
+    assert (await predict(channel))[0] == [3.0]
+
+
+async def test_a_refusal_echoing_a_huge_name_is_cut_to_fit_the_trailers(start: Any, certs: CertPaths,
+                                                                         backends: list[BackendProcess]) -> None:
+    """A 100 KB model name, echoed whole in NOT_FOUND's details, passed the client's 16 KB metadata limit: the client
+    saw RESOURCE_EXHAUSTED "Stream removed" instead."""
+    channel = await start(document(certs, backends))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            predict_request("m" * 100_000), metadata=[("x-api-key", KEY)], timeout=10)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    details = raised.value.details()
+    assert details.startswith("Servable not found for request: Latest(mmm") and len(details) < 1100
+
+
 async def test_health_service_is_open_and_follows_readiness(start: Any, certs: CertPaths,
                                                             backends: list[BackendProcess]) -> None:
     channel = await start(document(certs, backends))
@@ -176,6 +216,23 @@ async def test_health_service_is_open_and_follows_readiness(start: Any, certs: C
     for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
         answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)  # no credentials
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_health_request_that_does_not_parse_is_invalid_argument(start: Any, certs: CertPaths,
+                                                                       backends: list[BackendProcess]) -> None:
+    """Health is open to any client: such bytes got UNKNOWN "Unexpected <class '...DecodeError'>" and logged a
+    traceback each time. Watch still streams the gateway's status."""
+    channel = await start(document(certs, backends))
+    for method in ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"):
+        call = (channel.unary_unary if method.endswith("Check") else channel.unary_stream)(method)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            answer = call(b"\x0a\x80", timeout=10)
+            await answer if method.endswith("Check") else await answer.read()
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == "The request is not a valid grpc.health.v1.HealthCheckRequest"
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
 
 
 async def test_a_backend_killed_under_load_fails_no_call(start: Any, certs: CertPaths, demo_models: Path,

@@ -74,7 +74,7 @@ def test_a_few_values_may_not_fill_a_huge_tensor() -> None:
     huge = tensor_pb2.TensorProto(dtype=tf.float32.as_datatype_enum, float_val=[1.0])
     for size in (100_000, 784):
         huge.tensor_shape.dim.add(size=size)
-    with pytest.raises(InvalidArgument, match=r"input 'x' gives 1 values for 78400000 elements: .* more than 67108864"):
+    with pytest.raises(InvalidArgument, match=r"input 'x' gives 1 values for 78400000 elements: .* more than 8388608"):
         to_ndarray("x", huge, TensorSpec(tf.float32, None))
     strings = tf.make_tensor_proto([b"a"], dtype=tf.string)
     strings.tensor_shape.dim[0].size = 10**9
@@ -87,6 +87,39 @@ def test_a_few_values_may_not_fill_a_huge_tensor() -> None:
     whole = tensor_pb2.TensorProto(dtype=tf.float64.as_datatype_enum, double_val=np.full(elements, 0.5))
     whole.tensor_shape.dim.add(size=elements)
     assert to_ndarray("d", whole, TensorSpec(tf.float64, None)).shape == (elements,)
+
+
+def test_repeated_strings_count_their_bytes_and_overhead() -> None:
+    """A string counted one byte against the limit: one "a" for 60 million elements took 6 GB of the backend, one
+    1000-byte string for a million elements made a 1 GB tensor."""
+    for value, elements in ((b"a", 60_000_000), (b"x" * 1000, 1_000_000)):
+        strings = tensor_pb2.TensorProto(dtype=tf.string.as_datatype_enum, string_val=[value])
+        strings.tensor_shape.dim.add(size=elements)
+        with pytest.raises(InvalidArgument, match=f"gives 1 values for {elements} elements"):
+            to_ndarray("s", strings, TensorSpec(tf.string, None))
+    small = tensor_pb2.TensorProto(dtype=tf.string.as_datatype_enum, string_val=[b"a", b"bc"])
+    small.tensor_shape.dim.add(size=1000)
+    assert to_ndarray("s", small, TensorSpec(tf.string, None)).tolist() == [b"a"] + [b"bc"] * 999
+
+
+@pytest.mark.parametrize("proto, message", [
+    (tensor_pb2.TensorProto(dtype=tf.float32.as_datatype_enum, float_val=[1.0, 2.0, 3.0],
+                            tensor_shape={"dim": [{"size": 2}]}),
+     r"3 values in float_val for shape \[2\] of 2 elements"),
+    (tensor_pb2.TensorProto(dtype=tf.float32.as_datatype_enum, float_val=[1.0, 2.0]),  # no shape: a scalar
+     r"2 values in float_val for shape \[\] of 1 elements"),
+    (tensor_pb2.TensorProto(dtype=tf.string.as_datatype_enum, string_val=[b"a"], tensor_shape={"dim": [{"size": 0}]}),
+     r"1 values in string_val for shape \[0\] of 0 elements"),
+    (tensor_pb2.TensorProto(dtype=tf.float32.as_datatype_enum, float_val=[1.0], tensor_shape={"dim": [{"size": -1}]}),
+     r"shape \[-1\] has a negative size"),
+    (tensor_pb2.TensorProto(dtype=tf.complex64.as_datatype_enum, scomplex_val=[1, 2, 3, 4],
+                            tensor_shape={"dim": [{"size": 1}]}), r"2 values in scomplex_val for shape \[1\]"),
+])
+def test_typed_values_that_do_not_fit_the_shape_say_so(proto: tensor_pb2.TensorProto, message: str) -> None:
+    """make_ndarray fails on these with NumPy's words ("index can't contain negative values", "cannot reshape")."""
+    spec = TensorSpec(tf.as_dtype(proto.dtype), None)
+    with pytest.raises(InvalidArgument, match=f"input 'x' is not a valid TensorProto: {message}"):
+        to_ndarray("x", proto, spec)
 
 
 def _packed(value: np.ndarray) -> tensor_pb2.TensorProto:
