@@ -158,13 +158,14 @@ class HttpServer:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_port: bool = False) -> None:
         """Listen on host:port (0: a free port); with `ssl_context`, TLS, whose handshake must finish within the
-        header timeout, so a client that stalls it cannot hold a connection. `reuse_port`: share the port with
-        other processes listening on it the same way (SO_REUSEPORT; the kernel spreads connections over them)."""
+        header timeout, so a client that stalls it cannot hold a connection, and whose closing handshake too (the
+        default, 30 s, let a silent client keep each timed-out connection that long). `reuse_port`: share the port
+        with other processes listening on it the same way (SO_REUSEPORT; the kernel spreads connections over them)."""
         loop = asyncio.get_running_loop()
+        tls_timeout = self.deadlines[_HEAD] if ssl_context is not None else None
         listener: _Listener = await loop.create_server(
             lambda: _Connection(self, loop), host, port, reuse_address=True, reuse_port=reuse_port or None,
-            ssl=ssl_context,
-            ssl_handshake_timeout=self.deadlines[_HEAD] if ssl_context is not None else None)
+            ssl=ssl_context, ssl_handshake_timeout=tls_timeout, ssl_shutdown_timeout=tls_timeout)
         self._listener = listener
         self._port = listener.sockets[0].getsockname()[1]
 

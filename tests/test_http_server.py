@@ -8,6 +8,7 @@ and fails the test if any task outlives that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import shutil
 import socket
@@ -670,3 +671,38 @@ async def test_trailer_fields_are_dropped_and_bounded_like_the_head() -> None:
         await to_thread(client.send, chunked + b"X-T: %s\r\n" % (b"a" * 2000) * 40 + b"\r\n")
         reply = await to_thread(client.reply)
         assert reply.status == 431 and "trailer fields" in reply.json()["error"]
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_silent_tls_client_is_dropped_soon_after_the_header_timeout(loop: str, certs: CertPaths) -> None:
+    """After the header timeout the server starts TLS's closing handshake; a client that never answers it held the
+    connection for asyncio's default shutdown timeout, 30 s. That wait is now the header timeout too."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(certs.server_cert, certs.server_key)
+    client_context = ssl.create_default_context(cafile=certs.ca_cert)
+
+    def silent_client(port: int) -> float:
+        """Handshake, then never send or answer anything: how long until the server drops the TCP connection."""
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+            started = time.monotonic()
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    incoming.write(raw.recv(65536))
+            raw.sendall(outgoing.read())
+            with contextlib.suppress(ConnectionResetError):
+                while raw.recv(65536):  # session tickets, then the server's close_notify: read, never answered
+                    pass
+            return time.monotonic() - started
+
+    async def scenario() -> None:
+        async with serving(ssl_context=server_context, header_timeout_s=0.5) as server:
+            assert await to_thread(silent_client, server.port) < 10
+
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(scenario())
