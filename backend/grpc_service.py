@@ -40,7 +40,7 @@ from backend.health import Health, InFlight
 from backend.inference import ModelCall
 from backend.metrics import BackendMetrics
 from backend.model_config import ModelConfigError, configs_from_proto
-from backend.models import ModelManager
+from backend.models import ModelManager, UnavailableLabelError
 from backend.runners import INLINE_OUTPUT_ELEMENTS, INLINE_REQUEST_BYTES, CallRunner, offload_if, output_elements
 from backend.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable
 from backend.status import fill_model_spec, model_spec, signature_def_map, status_response
@@ -301,6 +301,8 @@ class ModelService:
         try:
             configs = configs_from_proto(config, "ReloadConfigRequest")
             await manager.apply(configs, strict_labels=True)
+        except UnavailableLabelError as error:
+            raise errors.FailedPrecondition(str(error)) from None
         except ModelConfigError as error:
             raise errors.InvalidArgument(str(error)) from None
         names = [model.name for model in configs]

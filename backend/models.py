@@ -67,6 +67,10 @@ class _Model:
     clashes_logged: set[tuple[int, str, str]] = field(default_factory=set)  # warned of once, not at every poll
 
 
+class UnavailableLabelError(ModelConfigError):
+    """A label naming a version that does not serve: TF Serving answers a reload with FAILED_PRECONDITION."""
+
+
 class ServingObserver(Protocol):
     """Told how many versions of each model serve (the metrics implement it)."""
 
@@ -269,7 +273,7 @@ class ModelManager:
                 message = (f"Request to assign label {label!r} to version {version} of model {model.config.name}, "
                            "which is not currently available for inference")
                 if strict:
-                    raise ModelConfigError(message)
+                    raise UnavailableLabelError(message)
                 log.error("%s; keeping the model's previous labels", message)
                 return
         model.labels = MappingProxyType(wanted)

@@ -269,3 +269,10 @@ def test_reload_config_adds_and_removes_models(model_service: model_service_pb2_
     assert ghost.code() == grpc.StatusCode.FAILED_PRECONDITION and "ghost" in ghost.details()
     duplicate = _error(reload, hpt1, hpt1)
     assert duplicate.code() == grpc.StatusCode.INVALID_ARGUMENT and "configured twice" in duplicate.details()
+    labelled = model_server_config_pb2.ModelServerConfig()
+    entry = labelled.model_config_list.config.add(name="tf1", base_path=hpt1[1], model_platform="tensorflow")
+    entry.version_labels["stable"] = 999  # no such version: FAILED_PRECONDITION in TF Serving's ServerCore
+    unavailable = _error(model_service.HandleReloadConfigRequest,
+                         model_management_pb2.ReloadConfigRequest(config=labelled))
+    assert unavailable.code() == grpc.StatusCode.FAILED_PRECONDITION, unavailable.details()
+    assert "which is not currently available for inference" in unavailable.details()
