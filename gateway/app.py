@@ -234,12 +234,15 @@ class Gateway:
     async def _start_grpc(self, config: GatewayConfig, guard: Guard, descriptors: DescriptorPool) -> None:
         """The gRPC listener (gateway/grpc_edge.py) with the same certificates, health and server reflection.
         SO_REUSEPORT only as a worker of gateway/primary.py: elsewhere a second gateway on the same port must fail,
-        not share it silently."""
+        not share it silently. Messages up to limits.max_body_bytes, as REST bodies (gRPC's default is 4 MB): set
+        here once, so a reload that raises the limit reaches gRPC at the next start; one that lowers it applies at
+        once (grpc_edge checks each request against the live snapshot)."""
         assert config.listen.grpc is not None
         self._grpc_edge = GrpcEdge(self, self.upstreams, guard, self.metrics, self.access_log, self._rng,
                                    self._clock)
-        self._grpc_server = grpc.aio.server(handlers=[self._grpc_edge],
-                                            options=[("grpc.so_reuseport", int(self._reuse_port))])
+        self._grpc_server = grpc.aio.server(handlers=[self._grpc_edge], options=[
+            ("grpc.so_reuseport", int(self._reuse_port)),
+            ("grpc.max_receive_message_length", config.limits.max_body_bytes)])
         self._grpc_health = add_health(self._grpc_server)
         add_reflection(self._grpc_server, descriptors)
         self._grpc_certificates = GrpcCertificates(config.tls)

@@ -33,6 +33,12 @@ class NotFound(GatewayError):
     status = 404
 
 
+class PayloadTooLarge(GatewayError):
+    """A request past limits.max_body_bytes; over gRPC, RESOURCE_EXHAUSTED, as gRPC answers a message too large."""
+
+    status = 413
+
+
 class BadGateway(GatewayError):
     """The backend failed before a complete answer, and no retry could save the request."""
 

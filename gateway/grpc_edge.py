@@ -65,8 +65,8 @@ RELOAD_CONFIG = "/tensorflow.serving.ModelService/HandleReloadConfigRequest"
 _INFERENCE = frozenset({"predict", "classify", "regress", "multi_inference"})  # a split picks their version; status and metadata ask
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-          429: grpc.StatusCode.RESOURCE_EXHAUSTED, 502: grpc.StatusCode.UNAVAILABLE,
-          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          502: grpc.StatusCode.UNAVAILABLE, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 _NOT_FORWARDED = frozenset({"authorization", "x-api-key", "cookie", "x-request-id", "user-agent"})
 _CHANNEL_OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
 
@@ -171,6 +171,10 @@ class GrpcEdge(grpc.GenericRpcHandler):
     async def _forward(self, snapshot: Snapshot, method: str, kind: str, request: bytes,
                        context: grpc.aio.ServicerContext, metadata: dict[str, str], record: AccessRecord,
                        attempts: Attempts) -> _Answer:
+        limit = snapshot.config.limits.max_body_bytes  # gRPC's own cap is the value at start (gateway/app.py)
+        if len(request) > limit:
+            raise errors.PayloadTooLarge(f"The request is {len(request)} bytes, larger than limits.max_body_bytes "
+                                         f"({limit})")
         try:
             spec, found = read_model_spec(request) if kind != "multi_inference" else (ModelSpec(), [])
             tasks = read_tasks(request) if kind == "multi_inference" else []

@@ -186,14 +186,49 @@ async def test_a_request_malformed_inside_the_model_spec_check_is_invalid_argume
 async def test_a_request_of_millions_of_tiny_fields_is_refused_before_it_holds_the_gateway(
         start: Any, certs: CertPaths, backends: list[BackendProcess]) -> None:
     """Reading 2 million two-byte fields for the model spec held the gateway's event loop for seconds, even without
-    credentials."""
-    channel = await start(document(certs, backends))
+    credentials. (The 4 MB message is within this gateway's limits.max_body_bytes: the field count refuses it.)"""
+    doc = document(certs, backends)
+    doc["limits"] = {**doc.get("limits", {}), "max_body_bytes": 16 * 1024 * 1024}
+    channel = await start(doc)
     raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await raw(b"\x78\x00" * 2_000_000 + predict_request().SerializeToString(), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "more than 10000 fields in one message" in raised.value.details()
     assert (await predict(channel))[0] == [3.0]
+
+
+@pytest.mark.parametrize("limit, padding, code", [
+    (16 * 1024 * 1024, 5_000_000, grpc.StatusCode.OK),  # past gRPC's default 4 MB, within the gateway's limit
+    (1_000_000, 2_000_000, grpc.StatusCode.RESOURCE_EXHAUSTED),
+])
+async def test_a_grpc_message_is_bounded_by_max_body_bytes(start: Any, certs: CertPaths, backends: list[BackendProcess],
+                                                           limit: int, padding: int, code: grpc.StatusCode) -> None:
+    """Found fuzzing: gRPC's default 4 MB cap refused a 5 MB Predict that TF Serving and the gateway's REST edge
+    take. Messages are bounded by limits.max_body_bytes, as REST bodies are."""
+    doc = document(certs, backends)
+    doc["limits"] = {**doc.get("limits", {}), "max_body_bytes": limit}
+    channel = await start(doc)
+    unknown_field = b"\x7a" + _varint(padding) + bytes(padding)  # field 15, bytes: carried, not read
+    call = channel.unary_unary("/tensorflow.serving.PredictionService/Predict",
+                               response_deserializer=predict_pb2.PredictResponse.FromString)
+    message = predict_request().SerializeToString() + unknown_field
+    if code is grpc.StatusCode.OK:
+        answer = await call(message, metadata=[("x-api-key", KEY)], timeout=30)
+        assert list(answer.outputs["y"].float_val) == [3.0]
+        return
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call(message, metadata=[("x-api-key", KEY)], timeout=30)
+    assert raised.value.code() == code
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 async def test_a_refusal_echoing_a_huge_name_is_cut_to_fit_the_trailers(start: Any, certs: CertPaths,
