@@ -95,6 +95,7 @@ _MAX_HEAD_BYTES = 64 * 1024  # llhttp does not bound the request line and header
 _READ_BUFFER_BYTES = 256 * 1024  # as uvloop's own read buffer: a big body takes few reads
 # What a connection waits for from its client, which decides the deadline that applies.
 _HEAD, _BODY, _NEXT, _LINGER = "head", "body", "next request", "linger"
+_SEND = "client reading the response"  # while the transport holds more unsent bytes than its high-water mark
 
 
 class _StopParsing(Exception):
@@ -152,8 +153,10 @@ class HttpServer:
     def set_limits(self, *, max_body_bytes: int, header_timeout_s: float, keepalive_timeout_s: float) -> None:
         """New limits for requests from now on (a config reload); connections keep the deadline already armed."""
         self.max_body_bytes = max_body_bytes
+        # A client must read some of its response within the keep-alive timeout, as nginx's send_timeout: one that
+        # never reads held its connection and the unsent response for good.
         self.deadlines = {_HEAD: header_timeout_s, _BODY: header_timeout_s, _NEXT: keepalive_timeout_s,
-                          _LINGER: header_timeout_s}
+                          _LINGER: header_timeout_s, _SEND: keepalive_timeout_s}
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_port: bool = False) -> None:
@@ -237,6 +240,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._deadline_for: str | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes the transport held when the send deadline was armed: less later is progress
 
     # -- asyncio.BufferedProtocol ---------------------------------------------------------------------------------
 
@@ -273,9 +277,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._drained = self._loop.create_future()
+        self._watch()
 
     def resume_writing(self) -> None:
         self._release_writer()
+        self._watch()
 
     # -- httptools callbacks ----------------------------------------------------------------------------------
 
@@ -467,8 +473,13 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _watch(self) -> None:
         """Keep the one deadline that applies now: for a head to complete, for more of a body, for a next request,
-        or for the end of lingering. A handler's own time is not limited here."""
-        if self._worker is not None or self._lost:
+        for the end of lingering, or for the client to take some of a response the transport cannot send yet. A
+        handler's own time is not limited here."""
+        if self._lost:
+            waiting_for = None
+        elif self._drained is not None:
+            waiting_for = _SEND
+        elif self._worker is not None:
             waiting_for = None
         else:
             waiting_for = _LINGER if self._done_reading else self._waiting
@@ -477,6 +488,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._deadline_for = waiting_for
         if waiting_for is None:
             return  # the timer, if armed, will find nothing to do
+        if waiting_for == _SEND:
+            self._unsent = self._transport.get_write_buffer_size()
         self._deadline = self._loop.time() + self._server.deadlines[waiting_for]
         if self._timer is None or self._timer.when() > self._deadline:
             if self._timer is not None:
@@ -490,8 +503,15 @@ class _Connection(asyncio.BufferedProtocol):
         if self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._check_deadline)
             return
+        if self._deadline_for == _SEND and self._transport.get_write_buffer_size() < self._unsent:
+            self._deadline_for = None  # the client reads, slowly: a new period starts
+            self._watch()
+            return
         log.debug("closing the connection from %s: no %s in time", self._peer, self._deadline_for)
-        self._transport.close()
+        if self._deadline_for == _SEND:
+            self._transport.abort()  # close() would wait for the unsent bytes the client does not take
+        else:
+            self._transport.close()
 
     def shut_down(self) -> None:
         """Close at once if idle; otherwise after the response being made."""

@@ -563,6 +563,42 @@ async def test_the_next_response_waits_until_a_slow_reader_drains_the_last() -> 
     assert calls == 2 and all(reply.body == big for reply in replies)
 
 
+@on_each_loop
+async def test_a_client_that_stops_reading_is_dropped_after_the_keep_alive_timeout() -> None:
+    """A client must take some of its response within the keep-alive timeout (as nginx's send_timeout): one that
+    never read held its connection and the unsent response for good. A slow reader that keeps taking some is not
+    cut, however long the whole response takes."""
+    big = b"b" * 16 * 2**20
+
+    async def large(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, big, "application/octet-stream")
+
+    def slow_reader(port: int) -> int:
+        """Read the 16 MB in sips of at most 256 KB, 40 ms apart (~2.6 s, past two timeouts): the bytes received."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request_bytes("GET", "/slow"))
+            received = 0
+            while received < len(big) and (chunk := sock.recv(256 * 1024)):
+                received += len(chunk)
+                time.sleep(0.04)
+            return received
+
+    def received_until_dropped(client: Wire) -> int:
+        """Everything the server sent before it dropped the connection (a hang here times out at 10 s)."""
+        total = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := client.sock.recv(1 << 20):
+                total += len(chunk)
+        return total
+
+    async with serving(large, keepalive_timeout_s=1.0) as server:
+        async with wire(server.port, receive_buffer=65536) as stalled:
+            await to_thread(stalled.send, request_bytes("GET", "/stalled"))
+            await asyncio.sleep(3)  # three timeouts, and not a byte read
+            assert await to_thread(received_until_dropped, stalled) < len(big)
+        assert await to_thread(slow_reader, server.port) >= len(big)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shutdown
 
