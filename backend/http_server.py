@@ -82,7 +82,12 @@ def json_error_body(status: int, message: str) -> bytes:
     try:
         return orjson.dumps({"error": message})
     except TypeError:
-        return orjson.dumps({"error": message.encode("utf-8", "backslashreplace").decode("utf-8")})
+        return orjson.dumps({"error": unicode_safe(message)})
+
+
+def unicode_safe(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates) written as backslash escapes, so JSON can carry it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}

@@ -45,6 +45,7 @@ from backend.tensors import (
     predict_response,
     single_numeric_input,
 )
+from backend.version_policy import MAX_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ _MODEL_PATH = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+)|/lab
 _PREDICTION_PATH = re.compile(_MODEL_PATH + r":(?P<verb>classify|regress|predict)", re.IGNORECASE)
 _STATUS_PATH = re.compile(_MODEL_PATH + r"(?P<metadata>/metadata)?", re.IGNORECASE)
 _MODEL_READY_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]+))?/ready")
-_INT64_MAX = 2**63 - 1
 ENTRYPOINT = "REST"
 
 
@@ -192,7 +192,7 @@ def _target(match: re.Match[str], labels: _CallLabels, api: str) -> _Target:
     version = None
     if match["version"] is not None:
         version = int(match["version"])
-        if version > _INT64_MAX:
+        if version > MAX_VERSION:
             raise errors.InvalidArgument(f"Failed to convert version: {match['version']} to numeric.")
     return _Target(name=match["name"], version=version, label=match["label"])
 

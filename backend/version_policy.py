@@ -14,7 +14,7 @@ from typing import Iterable, Literal
 PolicyKind = Literal["latest", "all", "specific"]
 
 _VERSION_NAME = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also takes "²", which int() then refuses
-_MAX_VERSION = 2**63 - 1  # versions are int64 in TF Serving's protos and its directory parser
+MAX_VERSION = 2**63 - 1  # versions are int64 in TF Serving's protos, URLs and directory parser
 
 
 def version_directories(names: Iterable[str]) -> tuple[dict[int, str], list[tuple[int, str, str]]]:
@@ -26,7 +26,7 @@ def version_directories(names: Iterable[str]) -> tuple[dict[int, str], list[tupl
     directories: dict[int, str] = {}
     clashes: list[tuple[int, str, str]] = []
     for name in sorted(names):
-        if _VERSION_NAME.fullmatch(name) is None or int(name) > _MAX_VERSION:
+        if _VERSION_NAME.fullmatch(name) is None or int(name) > MAX_VERSION:
             continue
         version = int(name)
         if version in directories:

@@ -41,6 +41,8 @@ from typing import BinaryIO
 
 import orjson
 
+from backend.http_server import unicode_safe
+
 _FLUSH_BYTES = 64 * 1024
 MAX_PENDING_BYTES = 8 * 1024 * 1024  # ~25k lines waiting for a stalled reader
 _DROP_WARNING_INTERVAL_S = 10.0
@@ -153,7 +155,7 @@ def _encodable(record: AccessRecord) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in vars(record).items():
         if isinstance(value, str):
-            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+            value = unicode_safe(value)
         elif isinstance(value, int) and not -(1 << 63) <= value < (1 << 64):
             value = str(value)
         out[key] = value
