@@ -55,37 +55,50 @@ log = logging.getLogger(__name__)
 _EXPIRED = "Deadline exceeded while the request waited for its batch; it was not run"
 
 
-@dataclass(slots=True, eq=False)
+# Each with an __init__ of its own, which mypyc compiles (see backend/inference.py's ModelCall).
+@dataclass(slots=True, eq=False, init=False)
 class _Pending:
     call: ModelCall
     future: asyncio.Future[dict[str, np.ndarray]]
 
+    def __init__(self, call: ModelCall, future: asyncio.Future[dict[str, np.ndarray]]) -> None:
+        self.call, self.future = call, future
 
-@dataclass(slots=True, eq=False)
+
+@dataclass(slots=True, eq=False, init=False)
 class _Lane:
     """One queue, and what starts its next batch: a timer for the oldest call's timeout, or a place in line."""
 
     key: Hashable
     queue: BatchQueue[_Pending]
     own_parameters: bool  # the version brought its own batching_params.pbtxt: global changes leave it alone
-    timer: asyncio.TimerHandle | None = None
-    in_line: bool = False  # its batch is due and waits for a batch thread
+    timer: asyncio.TimerHandle | None
+    in_line: bool  # its batch is due and waits for a batch thread
+
+    def __init__(self, key: Hashable, queue: BatchQueue[_Pending], own_parameters: bool) -> None:
+        self.key, self.queue, self.own_parameters, self.timer, self.in_line = key, queue, own_parameters, None, False
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class _Outcome:
     """What a batch thread hands back: each call's outputs, in order, and how long the batch took on the thread."""
 
     outputs: list[dict[str, np.ndarray]]
     seconds: float
 
+    def __init__(self, outputs: list[dict[str, np.ndarray]], seconds: float) -> None:
+        self.outputs, self.seconds = outputs, seconds
 
-@dataclass(slots=True, eq=False)
+
+@dataclass(slots=True, eq=False, init=False)
 class _Running:
     """A batch on its thread: what delivering its outcome needs."""
 
     batch: Batch[_Pending]
     started: float
+
+    def __init__(self, batch: Batch[_Pending], started: float) -> None:
+        self.batch, self.started = batch, started
 
 
 def policy_of(parameters: BatchingParameters) -> BatchPolicy:

@@ -49,7 +49,7 @@ import orjson
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class HttpRequest:
     method: str  # "GET", "POST", ...
     path: str  # URL path, percent-decoded, no query string
@@ -57,19 +57,29 @@ class HttpRequest:
     headers: Mapping[str, str]  # lower-case names; repeated fields joined with ", "
     body: bytes
     peer: str  # "host:port"
-    peer_certificate: bytes | None = None  # the client's TLS certificate (DER), when it sent one the server verified
+    peer_certificate: bytes | None  # the client's TLS certificate (DER), when it sent one the server verified
+
+    def __init__(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes, peer: str,
+                 peer_certificate: bytes | None = None) -> None:
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.body, self.peer, self.peer_certificate = body, peer, peer_certificate
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class HttpResponse:
     status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: Sequence[tuple[str, str]] = ()  # besides Content-Type, Content-Length and Connection, which are ours
+    body: bytes
+    content_type: str
+    headers: Sequence[tuple[str, str]]  # besides Content-Type, Content-Length and Connection, which are ours
     # Work that can wait until the response is handed to the transport (access log, metrics): called right after
     # that, or when the client has already gone, so it stays off the client's critical path. An exception in it
     # is logged; the connection goes on.
-    after_sent: Callable[[], None] | None = None
+    after_sent: Callable[[], None] | None
+
+    def __init__(self, status: int, body: bytes = b"", content_type: str = "application/json",
+                 headers: Sequence[tuple[str, str]] = (), after_sent: Callable[[], None] | None = None) -> None:
+        self.status, self.body, self.content_type, self.headers = status, body, content_type, headers
+        self.after_sent = after_sent
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -107,14 +117,18 @@ class _StopParsing(Exception):
     """Raised in a parser callback after a refusal, to abandon the rest of the input."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Turn:
     """One request's place in its connection's answer order."""
 
     request: HttpRequest | None  # None: the server answers `refusal` itself, then closes
-    refusal: HttpResponse | None = None
-    keep_alive: bool = False
-    http_1_0: bool = False
+    refusal: HttpResponse | None
+    keep_alive: bool
+    http_1_0: bool
+
+    def __init__(self, request: HttpRequest | None, refusal: HttpResponse | None = None, keep_alive: bool = False,
+                 http_1_0: bool = False) -> None:
+        self.request, self.refusal, self.keep_alive, self.http_1_0 = request, refusal, keep_alive, http_1_0
 
 
 def _call_after_sent(response: HttpResponse, turn: _Turn) -> None:

@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 Labels = tuple[str, ...]
@@ -108,8 +107,10 @@ class LoopHistogram(_Family):
         return family
 
 
-class LoopMetrics(Collector):
-    """The families above, as one collector to register on a registry."""
+class LoopMetrics:
+    """The families above, as one collector to register on a registry. A registry asks only for collect(), so this
+    does not extend prometheus-client's Collector: the module is compiled (mypyc), and a compiled class cannot
+    extend an interpreted one."""
 
     def __init__(self, *families: LoopCounter | LoopGauge | LoopHistogram) -> None:
         self.families = families

@@ -18,7 +18,6 @@ else in the body (string values excepted, which only add some) can lower the cou
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,11 +32,14 @@ _BUFFER_TYPES = {"f": ("d", np.float64), "i": ("i", np.int64), "u": ("i", np.int
 _FORMATS = ("instances", "inputs")
 
 
-@dataclass(slots=True)  # not frozen: made per request (see backend/inference.py's ModelCall)
+@dataclass(slots=True, init=False)  # see backend/inference.py's ModelCall
 class NumericRequest:
     signature_name: str
     inputs: dict[str, np.ndarray]  # the signature's one input, in its dtype
     row_format: bool  # `instances`, not `inputs`
+
+    def __init__(self, signature_name: str, inputs: dict[str, np.ndarray], row_format: bool) -> None:
+        self.signature_name, self.inputs, self.row_format = signature_name, inputs, row_format
 
 
 # The signature's only input and its NumPy dtype (kind f, i or u), for a signature name; None when it has several or
@@ -45,8 +47,12 @@ class NumericRequest:
 InputOf = Callable[[str], tuple[str, np.dtype] | None]
 
 
-class _Parsers(threading.local):
-    """A simdjson parser per thread: a parser is reused across documents but is not thread-safe."""
+class _Parsers:
+    """The simdjson parser, reused across documents. One for every thread: pysimdjson holds the GIL for a whole
+    parse, and refuses (RuntimeError) to parse again while a proxy into its last document is alive, say on another
+    thread still reading its own body, which then gets a new parser (_parse). Not a threading.local: mypyc compiles
+    the attribute of a subclass into the object itself, shared by all threads, and Python code reading it through
+    threading.local's accessor crashes the process."""
 
     def __init__(self) -> None:
         self.parser = simdjson.Parser()

@@ -63,28 +63,38 @@ class RestOptions:
     metrics_path: str | None = None  # where Prometheus scrapes, when monitoring is on
 
 
-@dataclass(slots=True)  # not frozen: made per request (see backend/inference.py's ModelCall)
+# Made per request (see backend/inference.py's ModelCall).
+@dataclass(slots=True, init=False)
 class _Target:
     name: str
     version: int | None
     label: str | None
 
+    def __init__(self, name: str, version: int | None, label: str | None) -> None:
+        self.name, self.version, self.label = name, version, label
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class _CallLabels:
     """What the metrics record of a model call, filled in as the handler learns it."""
 
-    api: str = ""
-    model: str = ""
-    version: int | None = None
+    api: str
+    model: str
+    version: int | None
+
+    def __init__(self) -> None:
+        self.api, self.model, self.version = "", "", None
 
 
-@dataclass(slots=True)  # not frozen: made per request (see backend/inference.py's ModelCall)
+@dataclass(slots=True, init=False)
 class _Prepared:
     """A decoded, validated REST call, and how its answer is written."""
 
     call: ModelCall
-    row_format: bool = False
+    row_format: bool
+
+    def __init__(self, call: ModelCall, row_format: bool = False) -> None:
+        self.call, self.row_format = call, row_format
 
 
 def json_response(status: int, body: bytes) -> HttpResponse:

@@ -43,7 +43,7 @@ from gateway.accesslog import AccessLog, AccessRecord
 from gateway.auth import AuthError
 from gateway.grpc_wire import WireError, read_model_spec, read_tasks, with_model_spec, with_task_versions
 from gateway.guard import Guard
-from gateway.http_edge import RequestIds, SnapshotSource
+from gateway.http_edge import RequestIds, SnapshotSource, milliseconds
 from gateway.metrics import GatewayMetrics
 from gateway.snapshot import Snapshot
 from gateway.upstream import Attempts, BackendRuntime, Upstreams
@@ -161,8 +161,8 @@ class GrpcEdge(grpc.GenericRpcHandler):
                  bytes_out: int) -> None:
         """One call's metrics and access line."""
         record.grpc_status, record.attempts = code.name, attempts.count
-        record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
-        record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), bytes_out
+        record.upstream, record.upstream_ms = attempts.upstream, milliseconds(attempts.upstream_s)
+        record.duration_ms, record.bytes_out = milliseconds(elapsed), bytes_out
         served = bool(attempts.upstream) and code is grpc.StatusCode.OK
         self._metrics.observe_request(model=record.model if served else "", route=record.route, status=code.name,
                                       upstream=attempts.upstream, seconds=elapsed, protocol="grpc")

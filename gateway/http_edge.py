@@ -14,7 +14,6 @@ Credentials the client sent (`authorization`, `x-api-key`, cookies) are never fo
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import random
 import re
@@ -55,15 +54,23 @@ def _forwarded_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     return [(key, value) for key, value in headers.items() if key not in hop_by_hop]
 
 
+def milliseconds(seconds: float) -> float:
+    """`seconds` in milliseconds to the microsecond, for the access log: ~100 ns compiled, where round(x, 3) (exact
+    decimal rounding) costs ~220."""
+    return round(seconds * 1e6) / 1e3
+
+
 class RequestIds:
-    """Unique ids made cheaply: a random prefix per process, then a counter (uuid4 costs a system call each)."""
+    """Unique ids made cheaply: a random prefix per process, then a counter (uuid4 costs a system call each), in
+    decimal: compiled, that is ~90 ns an id, where a zero-padded hex counter took ~490."""
 
     def __init__(self) -> None:
         self._prefix = os.urandom(6).hex()
-        self._counter = itertools.count(1)
+        self._count = 0
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):010x}"
+        self._count += 1
+        return f"{self._prefix}-{self._count}"
 
 
 class SnapshotSource(Protocol):
@@ -115,8 +122,8 @@ class Edge:
         """The access line and the request's metrics, once the answer is on its way (as nginx's log phase): at one
         request in flight this work would otherwise add its time to every answer."""
         record.status, record.attempts = status, attempts.count
-        record.upstream, record.upstream_ms = attempts.upstream, round(attempts.upstream_s * 1000, 3)
-        record.duration_ms, record.bytes_out = round(elapsed * 1000, 3), bytes_out
+        record.upstream, record.upstream_ms = attempts.upstream, milliseconds(attempts.upstream_s)
+        record.duration_ms, record.bytes_out = milliseconds(elapsed), bytes_out
         # A model name is a label only once a backend has served it: names clients make up (404s, refused calls)
         # would grow the series without bound.
         served = bool(attempts.upstream) and 200 <= status < 300

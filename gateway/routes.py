@@ -43,12 +43,15 @@ class RouteLike(Protocol):
     def split(self) -> Sequence[SplitTargetLike]: ...
 
 
-@dataclass(slots=True)  # not frozen: made per request (see backend/inference.py's ModelCall)
+@dataclass(slots=True, init=False)  # made per request (see backend/inference.py's ModelCall)
 class RouteDecision:
     pool: str
     version: int | None
     label: str | None
     route: str  # the route's model pattern ("half_plus_two" or "*"): a metrics label with bounded cardinality
+
+    def __init__(self, pool: str, version: int | None, label: str | None, route: str) -> None:
+        self.pool, self.version, self.label, self.route = pool, version, label, route
 
 
 @dataclass(frozen=True, slots=True)

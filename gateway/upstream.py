@@ -76,15 +76,18 @@ class PoolRuntime:
         return self.config.name
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)  # made per request (see backend/inference.py's ModelCall)
 class Attempts:
     """What forward() did, for the access log, even when it failed."""
 
-    count: int = 0
-    upstream: str = ""
-    upstream_s: float = 0.0
-    tried: list[BackendRuntime] = field(default_factory=list)
-    detail: str = ""  # what went wrong, naming the backend: for the access log, never for the client
+    count: int
+    upstream: str
+    upstream_s: float
+    tried: list[BackendRuntime]
+    detail: str  # what went wrong, naming the backend: for the access log, never for the client
+
+    def __init__(self) -> None:
+        self.count, self.upstream, self.upstream_s, self.tried, self.detail = 0, "", 0.0, [], ""
 
 
 class Upstreams:

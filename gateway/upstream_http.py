@@ -60,11 +60,14 @@ class UpstreamError(Exception):
         self.retryable = retryable
 
 
-@dataclass(slots=True)  # not frozen: made per response (see backend/inference.py's ModelCall)
+@dataclass(slots=True, init=False)  # made per response (see backend/inference.py's ModelCall)
 class UpstreamResponse:
     status: int
     headers: list[tuple[bytes, bytes]]  # lower-case names, in order; hop-by-hop fields and Content-Length removed
     body: bytes
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
 
 
 class _StopParsing(Exception):
