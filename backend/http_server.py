@@ -20,6 +20,11 @@ What it guarantees:
   is read and dropped until it closes, for up to `header_timeout_s`, so a client busy sending its body reads the
   refusal instead of a reset. Over plain TCP the server half-closes at once (the client reads an EOF after the
   answer); TLS cannot half-close, so there the linger ends with the client's close or the deadline.
+- With a `screen` (a proxy's credential check), a request that announces a body over 64 KiB, or of unknown length
+  (chunked), or that awaits a 100 Continue is first shown to it without its body: when it answers, that answer is
+  sent instead and the connection closes without the body being read, lingering as after a 413. So a client that
+  may not call cannot make the server receive, and hold, an upload up to `max_body_bytes` first. Smaller bodies
+  are read as usual: the handler checks them in full anyway.
 - A handler's exception is logged with its stack and answered with a bare 500; the connection stays usable.
 - A request head must be complete within `header_timeout_s` of its first byte (or of the connection), and its body
   must not pause for longer than that; an idle keep-alive connection is closed after `keepalive_timeout_s`. These
@@ -83,6 +88,9 @@ class HttpResponse:
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+# Shown a request's head (an HttpRequest whose body is b"") before its body is read: an answer refuses it; None lets
+# it in. It runs in the parser's callback, so it must not block.
+Screen = Callable[[HttpRequest], HttpResponse | None]
 ErrorBody = Callable[[int, str], bytes]
 
 
@@ -107,6 +115,7 @@ _KEEP_ALIVE = "Connection: keep-alive\r\n"  # HTTP/1.0 closes without it
 _INTERNAL_ERROR = "Internal error while serving the request; see the server log"
 _MAX_HEADER_FIELDS = 100  # distinct names; as nginx's and Go's servers, a bound on per-request header work
 _MAX_HEAD_BYTES = 64 * 1024  # llhttp does not bound the request line and headers; checked after each read
+_SCREENED_BODY_BYTES = 64 * 1024  # a body announced larger than this is screened before it is read
 _READ_BUFFER_BYTES = 256 * 1024  # as uvloop's own read buffer: a big body takes few reads
 # What a connection waits for from its client, which decides the deadline that applies.
 _HEAD, _BODY, _NEXT, _LINGER = "head", "body", "next request", "linger"
@@ -121,8 +130,8 @@ class _StopParsing(Exception):
 class _Turn:
     """One request's place in its connection's answer order."""
 
-    request: HttpRequest | None  # None: the server answers `refusal` itself, then closes
-    refusal: HttpResponse | None
+    request: HttpRequest | None  # the request, or its head when `refusal` answers a screened one
+    refusal: HttpResponse | None  # answered instead of calling the handler; then the connection closes
     keep_alive: bool
     http_1_0: bool
 
@@ -156,9 +165,11 @@ class HttpServer:
     """Serves `handler` on one listening socket; see the module docstring for the guarantees."""
 
     def __init__(self, handler: Handler, *, max_body_bytes: int, header_timeout_s: float = 10.0,
-                 keepalive_timeout_s: float = 75.0, error_body: ErrorBody = json_error_body) -> None:
+                 keepalive_timeout_s: float = 75.0, error_body: ErrorBody = json_error_body,
+                 screen: Screen | None = None) -> None:
         self.handler = handler
         self.error_body = error_body
+        self.screen = screen
         self.set_limits(max_body_bytes=max_body_bytes, header_timeout_s=header_timeout_s,
                         keepalive_timeout_s=keepalive_timeout_s)
         self.stopping = False
@@ -336,7 +347,12 @@ class _Connection(asyncio.BufferedProtocol):
         declared = self._headers.get("content-length")
         if declared is not None and int(declared) > self._server.max_body_bytes:
             self._refuse_too_large()
-        if self._headers.get("expect", "").lower() == "100-continue" and parser.get_http_version() != "1.0":
+        http_1_0 = parser.get_http_version() == "1.0"
+        awaits_continue = self._headers.get("expect", "").lower() == "100-continue" and not http_1_0
+        large = int(declared) > _SCREENED_BODY_BYTES if declared is not None else "transfer-encoding" in self._headers
+        if self._server.screen is not None and (awaits_continue or large):
+            self._screen()
+        if awaits_continue:
             self._continue_due = True  # sent once this chunk is parsed, unless the body came with it
 
     def on_body(self, body: bytes) -> None:
@@ -352,25 +368,40 @@ class _Connection(asyncio.BufferedProtocol):
         self._continue_due = False
         if parser.should_upgrade():
             return  # see _declined_upgrade: the replay completes this request with its body
-        try:
-            url = httptools.parse_url(self._url)
-        except httptools.HttpParserInvalidURLError:
-            self._refuse(400, "Malformed HTTP request: invalid URL")
-            raise _StopParsing from None
-        body = b"".join(self._body)
+        request = self._request(b"".join(self._body))
         self._body.clear()
-        path = url.path or b"/"  # absolute-form without a path: "http://host"
-        if b"%" in path:
-            path = unquote_to_bytes(path)
-        request = HttpRequest(method=parser.get_method().decode("ascii"), path=path.decode("utf-8", "replace"),
-                              query=url.query.decode("latin-1") if url.query else "",
-                              headers=self._headers, body=body, peer=self._peer,
-                              peer_certificate=self._peer_certificate)
         keep_alive = parser.should_keep_alive()
         self._turns.append(_Turn(request, None, keep_alive, keep_alive and parser.get_http_version() == "1.0"))
         if not keep_alive:
             self._done_reading = True
         self._start_worker()
+
+    def _request(self, body: bytes) -> HttpRequest:
+        """The request just parsed, with `body`; refused with 400 (and _StopParsing raised) for a malformed URL."""
+        try:
+            url = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:
+            self._refuse(400, "Malformed HTTP request: invalid URL")
+            raise _StopParsing from None
+        path = url.path or b"/"  # absolute-form without a path: "http://host"
+        if b"%" in path:
+            path = unquote_to_bytes(path)
+        return HttpRequest(method=self._parser.get_method().decode("ascii"), path=path.decode("utf-8", "replace"),
+                           query=url.query.decode("latin-1") if url.query else "", headers=self._headers, body=body,
+                           peer=self._peer, peer_certificate=self._peer_certificate)
+
+    def _screen(self) -> None:
+        """Show the head to the server's screen; when it answers, send that in turn and read no more."""
+        assert self._server.screen is not None
+        head = self._request(b"")
+        try:
+            refusal = self._server.screen(head)
+        except Exception:  # a bug in the screen: logged, and the handler, which checks everything again, decides
+            log.exception("unexpected error screening %s %s from %s", head.method, head.path, head.peer)
+            return
+        if refusal is not None:
+            self._refuse_with(refusal, head)
+            raise _StopParsing
 
     def _parse(self, data: memoryview | bytes) -> bytes:
         """Feed one chunk to the parser; returns what is left to feed (only after a declined upgrade)."""
@@ -404,6 +435,8 @@ class _Connection(asyncio.BufferedProtocol):
                 turn = self._turns.popleft()
                 if turn.refusal is not None:
                     transport.write(self._encode(turn.refusal, turn))
+                    if turn.refusal.after_sent is not None:
+                        _call_after_sent(turn.refusal, turn)
                     # Lingering close: keep reading (and dropping) until the client closes or the linger deadline
                     # passes. TLS has no half-close, so there the client learns the end from Connection: close.
                     if transport.can_write_eof():
@@ -450,9 +483,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer `status` in turn, then close: nothing after this request is read."""
+        self._refuse_with(HttpResponse(status, self._server.error_body(status, message)))
+
+    def _refuse_with(self, refusal: HttpResponse, head: HttpRequest | None = None) -> None:
         self._done_reading = True
         self._continue_due = False
-        self._turns.append(_Turn(None, HttpResponse(status, self._server.error_body(status, message))))
+        self._turns.append(_Turn(head, refusal))
         self._start_worker()
 
     def _refuse_too_large(self) -> None:

@@ -165,7 +165,8 @@ class Gateway:
                                         header_timeout_s=limits.header_timeout_s, error_body=json_error_body)
         self._edge_server = HttpServer(edge.handle, max_body_bytes=limits.max_body_bytes,
                                        header_timeout_s=limits.header_timeout_s,
-                                       keepalive_timeout_s=limits.idle_timeout_s, error_body=json_error_body)
+                                       keepalive_timeout_s=limits.idle_timeout_s, error_body=json_error_body,
+                                       screen=edge.screen)
         try:
             await self._admin_server.start(config.listen.admin.host, config.listen.admin.port)
             await self._fleet.wait_ready()

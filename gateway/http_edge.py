@@ -94,23 +94,48 @@ class Edge:
     async def handle(self, request: HttpRequest) -> HttpResponse:
         snapshot = self._source.snapshot
         started = self._clock()
-        given = request.headers.get("x-request-id", "")
-        record = AccessRecord(request_id=given if given and _REQUEST_ID.fullmatch(given) else self._ids.next(),
-                              method=request.method, path=request.path, peer=request.peer,
-                              bytes_in=len(request.body))
+        record = self._record(request)
         attempts = Attempts()
         with self._metrics.in_flight:
             try:
                 response = await self._forward(snapshot, request, record, attempts)
             except errors.GatewayError as error:
-                record.error = attempts.detail or error.message
-                response = HttpResponse(status=error.status, body=json_error_body(error.status, error.message),
-                                        headers=list(error.headers))
-            elapsed = self._clock() - started
-            extra = [("x-request-id", record.request_id)]
-            if snapshot.config.expose_upstream_header and attempts.upstream:
-                extra.append(("x-tfgate-upstream", attempts.upstream))
-            response.headers = [*response.headers, *extra]
+                response = _refusal(error, record, attempts)
+        return self._answered(snapshot, record, attempts, response, started)
+
+    def screen(self, head: HttpRequest) -> HttpResponse | None:
+        """The HTTP server's screen (backend/http_server.py): before a large or awaited body is read, the caller must
+        be authenticated and authorized for the model and method, so an upload nobody may make is refused without
+        being received, as nginx's and Envoy's auth filters do. None lets it in; `handle` checks everything again."""
+        match = _MODEL_URL.fullmatch(head.path)
+        if match is None:
+            return None  # answered 404 by `handle`, after a body the server still bounds by max_body_bytes
+        snapshot = self._source.snapshot
+        started = self._clock()
+        name, tail = match.group("name"), match.group("tail") or ""
+        try:
+            self._guard.identify(snapshot.authenticator, head.headers, head.peer_certificate, name,
+                                 _METHODS[tail[1:].lower()])
+        except errors.GatewayError as error:
+            record, attempts = self._record(head), Attempts()
+            record.model = name
+            return self._answered(snapshot, record, attempts, _refusal(error, record, attempts), started)
+        return None
+
+    def _record(self, request: HttpRequest) -> AccessRecord:
+        """The request's access record, under the client's `x-request-id` when it is sane, else a new id."""
+        given = request.headers.get("x-request-id", "")
+        return AccessRecord(request_id=given if given and _REQUEST_ID.fullmatch(given) else self._ids.next(),
+                            method=request.method, path=request.path, peer=request.peer, bytes_in=len(request.body))
+
+    def _answered(self, snapshot: Snapshot, record: AccessRecord, attempts: Attempts, response: HttpResponse,
+                  started: float) -> HttpResponse:
+        """`response` with the gateway's headers, and its accounting to do once it is sent."""
+        elapsed = self._clock() - started
+        extra = [("x-request-id", record.request_id)]
+        if snapshot.config.expose_upstream_header and attempts.upstream:
+            extra.append(("x-tfgate-upstream", attempts.upstream))
+        response.headers = [*response.headers, *extra]
         # Not the response itself: it holds this callback, and the cycle would leave every request's objects to the
         # cyclic garbage collector instead of freeing them as soon as the answer is sent.
         response.after_sent = functools.partial(self._account, record, attempts, response.status,
@@ -166,6 +191,12 @@ class Edge:
                 returned.append((key.decode("latin-1"), value.decode("latin-1")))
         returned.extend(limit_headers)
         return HttpResponse(status=upstream.status, body=upstream.body, content_type=content_type, headers=returned)
+
+
+def _refusal(error: errors.GatewayError, record: AccessRecord, attempts: Attempts) -> HttpResponse:
+    record.error = attempts.detail or error.message
+    return HttpResponse(status=error.status, body=json_error_body(error.status, error.message),
+                        headers=list(error.headers))
 
 
 def _upstream_path(request: HttpRequest, name: str, tail: str, explicit: bool, decision: RouteDecision) -> str:

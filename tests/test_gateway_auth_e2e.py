@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
+import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -256,6 +258,44 @@ async def test_no_secret_reaches_any_log_line(gateway: Any, certs: CertPaths, pr
     assert '"principal":"alpha"' in logged  # the access log names who called...
     for secret in (KEY_A, KEY_B, a_token, a_token.split(".")[2], "tfg_wrong-secret", ADMIN_KEY):
         assert secret not in logged  # ...never with what
+
+
+def _upload_head(port: int, ca_cert: Path, length: int, *headers: str) -> tuple[ssl.SSLSocket, bytes]:
+    """A predict's head announcing `length` bytes and awaiting 100 Continue, sent over TLS; the connection, and all
+    the gateway answered before the client sends any of the body."""
+    sock = ssl.create_default_context(cafile=ca_cert).wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+    head = [f"POST {PREDICT} HTTP/1.1", "Host: localhost", "Content-Type: application/json",
+            f"Content-Length: {length}", "Expect: 100-continue", *headers]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer or (answer.startswith(b"HTTP/1.1 4") and not answer.endswith(b"}")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return sock, answer
+
+
+async def test_an_upload_without_credentials_is_refused_before_its_body_is_sent(
+        gateway: Any, certs: CertPaths, proxies: list[DelayProxy], jwks: Path) -> None:
+    start, access = gateway
+    gw, _ = await start(auth_document(certs, proxies, jwks))
+    sock, answer = await asyncio.to_thread(_upload_head, gw.https_port, certs.ca_cert, 1_000_000)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in answer and b"100 Continue" not in answer
+    assert b"www-authenticate: Bearer" in answer and b'{"error":"missing credentials: ' in answer
+    body = json.dumps(BODY).encode()
+    sock, answer = await asyncio.to_thread(_upload_head, gw.https_port, certs.ca_cert, len(body),
+                                           f"Authorization: Bearer {KEY_A}")
+    with sock:
+        assert answer == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await asyncio.to_thread(sock.sendall, body)
+        assert (await asyncio.to_thread(sock.recv, 65536)).startswith(b"HTTP/1.1 200 ")
+    await gw.access_log.drain()
+    lines = [json.loads(line) for line in access.getvalue().splitlines()]
+    assert [(line["status"], line["principal"], line["bytes_in"]) for line in lines] == [(401, "", 0),
+                                                                                         (200, "alpha", len(body))]
 
 
 def test_keys_new_prints_a_key_once_and_its_config_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -360,6 +360,70 @@ async def test_expect_100_continue_over_the_limit_is_413_without_reading_the_bod
         assert await to_thread(client.closed_by_server)
 
 
+class Gatekeeper:
+    """A screen that refuses heads without `x-key: open` with 401, and remembers what it was shown and what was
+    accounted for after sending."""
+
+    def __init__(self) -> None:
+        self.shown: list[HttpRequest] = []
+        self.sent: list[int] = []
+
+    def __call__(self, head: HttpRequest) -> HttpResponse | None:
+        self.shown.append(head)
+        if head.headers.get("x-key") == "open":
+            return None
+        refusal = HttpResponse(401, json_error_body(401, "who are you?"))
+        refusal.after_sent = lambda: self.sent.append(refusal.status)
+        return refusal
+
+
+@on_each_loop
+async def test_a_screen_refuses_a_large_upload_before_its_body_is_read() -> None:
+    handled: list[HttpRequest] = []
+
+    async def handler(request: HttpRequest) -> HttpResponse:
+        handled.append(request)
+        return await echo(request)
+
+    screen = Gatekeeper()
+    async with serving(handler, max_body_bytes=10_000_000, screen=screen) as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("POST", "/v1/models/m:predict?x=1", "Content-Length: 5000000"))
+        reply = await to_thread(client.reply)  # the client has sent no byte of its body
+        assert reply.status == 401 and reply.headers["Connection"] == "close"
+        assert reply.json() == {"error": "who are you?"}
+        assert await to_thread(client.closed_by_server)
+    assert not handled and screen.sent == [401]
+    head = screen.shown[0]
+    assert (head.method, head.path, head.query, head.body) == ("POST", "/v1/models/m:predict", "x=1", b"")
+
+
+@on_each_loop
+async def test_a_screen_answers_an_expect_100_continue_instead_of_the_interim_response() -> None:
+    screen = Gatekeeper()
+    async with serving(screen=screen) as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("POST", "/", "Content-Length: 5", "Expect: 100-continue"))
+        reply = await to_thread(client.reply)
+        assert reply.status == 401 and await to_thread(client.closed_by_server)
+
+
+@on_each_loop
+async def test_a_screen_lets_a_caller_in_and_sees_small_bodies_never() -> None:
+    screen = Gatekeeper()
+    async with serving(max_body_bytes=1_000_000, screen=screen) as server, wire(server.port) as client:
+        await to_thread(client.send, request_bytes("POST", "/big", "X-Key: open", "Content-Length: 70000",
+                                                   "Expect: 100-continue"))
+        assert (await to_thread(client.reply)).status == 100
+        await to_thread(client.send, b"b" * 70000)
+        big = await to_thread(client.reply)
+        await to_thread(client.send, request_bytes("POST", "/small", body=b"s" * 1000))  # no key: not screened
+        small = await to_thread(client.reply)
+        chunked = b"POST /chunked HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nc\r\n0\r\n\r\n"
+        await to_thread(client.send, chunked)  # of unknown length, so screened: refused
+        refused = await to_thread(client.reply)
+    assert (big.status, len(big.json()["body"]), small.status, refused.status) == (200, 70000, 200, 401)
+    assert [head.path for head in screen.shown] == ["/big", "/chunked"]
+
+
 @on_each_loop
 async def test_a_body_over_the_limit_is_413_read_by_a_client_still_sending_it() -> None:
     def post_too_much_then_enough(port: int) -> tuple[int, Any, int]:
