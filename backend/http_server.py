@@ -349,8 +349,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._refuse_too_large()
         http_1_0 = parser.get_http_version() == "1.0"
         awaits_continue = self._headers.get("expect", "").lower() == "100-continue" and not http_1_0
-        large = int(declared) > _SCREENED_BODY_BYTES if declared is not None else "transfer-encoding" in self._headers
-        if self._server.screen is not None and (awaits_continue or large):
+        if self._server.screen is not None and (awaits_continue or self._announces_large_body(declared)):
             self._screen()
         if awaits_continue:
             self._continue_due = True  # sent once this chunk is parsed, unless the body came with it
@@ -389,6 +388,10 @@ class _Connection(asyncio.BufferedProtocol):
         return HttpRequest(method=self._parser.get_method().decode("ascii"), path=path.decode("utf-8", "replace"),
                            query=url.query.decode("latin-1") if url.query else "", headers=self._headers, body=body,
                            peer=self._peer, peer_certificate=self._peer_certificate)
+
+    def _announces_large_body(self, declared: str | None) -> bool:
+        """Over _SCREENED_BODY_BYTES by its Content-Length (`declared`), or of a length unknown yet (chunked)."""
+        return int(declared) > _SCREENED_BODY_BYTES if declared is not None else "transfer-encoding" in self._headers
 
     def _screen(self) -> None:
         """Show the head to the server's screen; when it answers, send that in turn and read no more."""

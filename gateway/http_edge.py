@@ -25,6 +25,7 @@ from urllib.parse import quote
 from backend.http_server import HttpRequest, HttpResponse, json_error_body
 from gateway import errors
 from gateway.accesslog import AccessLog, AccessRecord
+from gateway.auth import Principal
 from gateway.guard import Guard
 from gateway.metrics import GatewayMetrics
 from gateway.routes import RouteDecision
@@ -114,13 +115,17 @@ class Edge:
         started = self._clock()
         name, tail = match.group("name"), match.group("tail") or ""
         try:
-            self._guard.identify(snapshot.authenticator, head.headers, head.peer_certificate, name,
-                                 _METHODS[tail[1:].lower()])
+            self._identify(snapshot, head, name, tail)
         except errors.GatewayError as error:
             record, attempts = self._record(head), Attempts()
             record.model = name
             return self._answered(snapshot, record, attempts, _refusal(error, record, attempts), started)
         return None
+
+    def _identify(self, snapshot: Snapshot, request: HttpRequest, name: str, tail: str) -> Principal:
+        """The caller, granted the method `tail` (the URL's part after the model) calls on model `name`."""
+        return self._guard.identify(snapshot.authenticator, request.headers, request.peer_certificate, name,
+                                    _METHODS[tail[1:].lower()])
 
     def _record(self, request: HttpRequest) -> AccessRecord:
         """The request's access record, under the client's `x-request-id` when it is sane, else a new id."""
@@ -164,8 +169,7 @@ class Edge:
         name, url_version, url_label, tail = match.group("name", "version", "label", "tail")
         tail = tail or ""
         record.model = name
-        principal = self._guard.identify(snapshot.authenticator, request.headers, request.peer_certificate, name,
-                                         _METHODS[tail[1:].lower()])
+        principal = self._identify(snapshot, request, name, tail)
         record.principal = principal.name
         version = None if url_version is None else int(url_version)
         decision = snapshot.routes.route(name, version, url_label, self._rng)
