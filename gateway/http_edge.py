@@ -6,7 +6,9 @@ authenticate and authorize the caller for that model and method, then rate-limit
 `/versions/N` or `/labels/L`) → forward through the pool (balancing, retries) → answer with the backend's status
 and body untouched. Errors of the gateway's own (unknown model 404, no healthy backend 503, backend failure 502,
 timeout 504) are TF Serving's `{"error": "..."}`. Every request gets an id (the client's `x-request-id` when it
-is sane, else a new one), sent upstream and returned; one access-log line and the metrics record it.
+is sane, else a new one), sent upstream and returned; one access-log line and the metrics record it. A request
+whose body is large (over 64 KiB, or chunked) or awaited (`Expect: 100-continue`) is authenticated and authorized
+on its head first (`screen`), so a caller who may not make it is refused before the body is read.
 
 Credentials the client sent (`authorization`, `x-api-key`, cookies) are never forwarded to backends.
 """
