@@ -192,6 +192,13 @@ class Authenticator:
             return ANONYMOUS
         raise AuthError(401, _MISSING, _CHALLENGE)
 
+    def authenticate_by_headers(self, headers: Mapping[str, str]) -> Principal | None:
+        """The caller by its headers alone, before its certificate is known: None when a certificate could still
+        decide (no credential sent, and auth.client_certs names subjects)."""
+        if self._certs and _credential(headers) is None:
+            return None
+        return self.authenticate(headers, None)
+
     def authorize(self, principal: Principal, model: str, method: str) -> None:
         if not principal.allows(model, method):
             raise AuthError(403, f"principal '{principal.name}' may not call {method} on model '{model}'")

@@ -11,7 +11,8 @@ deadline (the client's, capped by `limits.request_timeout_s`); UNAVAILABLE (incl
 retried on another backend within the pool's attempts and retry budget → the backend's answer or status goes back
 unchanged. The gateway's own refusals carry TF Serving's gRPC codes: UNAUTHENTICATED, PERMISSION_DENIED,
 RESOURCE_EXHAUSTED (with the rate-limit headers as trailing metadata), NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE,
-DEADLINE_EXCEEDED. Credentials in the metadata are never forwarded; the request id is. Beside the proxied services,
+DEADLINE_EXCEEDED. A caller whose metadata alone fails authentication is refused before gRPC reads its message
+(`service`). Credentials in the metadata are never forwarded; the request id is. Beside the proxied services,
 grpc.health.v1 and server reflection are answered by the gateway itself, without credentials.
 """
 
@@ -22,7 +23,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +99,28 @@ class GrpcEdge(grpc.GenericRpcHandler):
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         """Bytes in, bytes out: no (de)serializer, so only the model spec is ever parsed. Others: UNIMPLEMENTED.
-        gRPC asks on every call: the handlers are made once."""
-        return self._handlers.get(handler_call_details.method)  # type: ignore[attr-defined]
+        gRPC asks on every call, with the call's metadata but before it reads the message: a caller whose metadata
+        alone fails authentication gets a handler that refuses it without reading its message (up to
+        limits.max_body_bytes), as the REST edge's screen does for an upload. The handlers are made once."""
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if method in METHODS:
+            metadata = _text(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+            try:
+                self._guard.screen(self._source.snapshot.authenticator, metadata)
+            except errors.GatewayError as error:
+                # A stream of requests to gRPC, which reads one only when the handler asks for it: this one never does.
+                return grpc.stream_unary_rpc_method_handler(functools.partial(self._refuse_unread, method, error))
+        return self._handlers.get(method)
+
+    async def _refuse_unread(self, method: str, error: errors.GatewayError, requests: Any,
+                             context: grpc.aio.ServicerContext) -> None:
+        """The refusal `service` chose; `requests` are left unread. abort() raises: nothing is returned."""
+        record = self._record(method, _metadata(context), context, 0)
+        record.error = error.message
+        code = _CODES[error.status]
+        self._observe(record, Attempts(), 0.0, code, 0)
+        context.set_trailing_metadata((("x-request-id", record.request_id),))
+        await context.abort(code, status_details(error.message))
 
     async def _reload_backends(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """HandleReloadConfigRequest is an admin operation: only with a key from `auth.admin_keys`, then sent to
@@ -135,8 +156,7 @@ class GrpcEdge(grpc.GenericRpcHandler):
         snapshot = self._source.snapshot
         started = self._clock()
         metadata = _metadata(context)
-        record = AccessRecord(request_id=metadata.get("x-request-id") or self._ids.next(), method="POST",
-                              path=method, peer=context.peer(), bytes_in=len(request), protocol="grpc")
+        record = self._record(method, metadata, context, len(request))
         attempts = Attempts()
         with self._metrics.in_flight:
             try:
@@ -156,6 +176,11 @@ class GrpcEdge(grpc.GenericRpcHandler):
         if answer.code is not grpc.StatusCode.OK:
             await context.abort(answer.code, status_details(answer.details))
         return answer.body
+
+    def _record(self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext, bytes_in: int
+                ) -> AccessRecord:
+        return AccessRecord(request_id=metadata.get("x-request-id") or self._ids.next(), method="POST", path=method,
+                            peer=context.peer(), bytes_in=bytes_in, protocol="grpc")
 
     def _observe(self, record: AccessRecord, attempts: Attempts, elapsed: float, code: grpc.StatusCode,
                  bytes_out: int) -> None:
@@ -284,5 +309,9 @@ def _task_method(method_name: str) -> str:
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """The call's text metadata (keys arrive lower-case); binary (-bin) values are never credentials."""
-    return {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+    return _text(context.invocation_metadata())
+
+
+def _text(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
+    """A call's text metadata (keys arrive lower-case); binary (-bin) values are never credentials."""
+    return {key: value for key, value in metadata or () if isinstance(value, str)}

@@ -38,11 +38,22 @@ class Guard:
             principal = authenticator.authenticate(headers, subject)
             authenticator.authorize(principal, model, method)
         except AuthError as error:
-            self._metrics.auth_failed(status=error.status)
-            challenge = (("www-authenticate", error.challenge),) if error.challenge else ()
-            kind = errors.Unauthorized if error.status == 401 else errors.Forbidden
-            raise kind(error.message, challenge) from None
+            raise self._refused(error) from None
         return principal
+
+    def screen(self, authenticator: Authenticator, headers: Mapping[str, str]) -> None:
+        """Refuse, with a 401 GatewayError, a caller whose headers alone fail authentication (Authenticator.
+        authenticate_by_headers), before its request is read; `identify` checks everything once it is."""
+        try:
+            authenticator.authenticate_by_headers(headers)
+        except AuthError as error:
+            raise self._refused(error) from None
+
+    def _refused(self, error: AuthError) -> errors.GatewayError:
+        self._metrics.auth_failed(status=error.status)
+        challenge = (("www-authenticate", error.challenge),) if error.challenge else ()
+        kind = errors.Unauthorized if error.status == 401 else errors.Forbidden
+        return kind(error.message, challenge)
 
     def limit(self, principal: Principal, model: str, route: str) -> tuple[tuple[str, str], ...]:
         """Take this request from the caller's buckets: the rate-limit headers for the answer, or a 429 GatewayError.

@@ -229,6 +229,18 @@ def test_client_cert_rule(tmp_path: Path) -> None:
     assert refused(auth, {}, "CN=someone-else").message == MISSING
 
 
+def test_headers_alone_decide_unless_a_certificate_still_could(tmp_path: Path) -> None:
+    """What the gRPC edge asks before it reads a call's message, when the client certificate is not known yet."""
+    with_certs, without_certs = authenticator(tmp_path), authenticator(tmp_path, client_certs=())
+    assert with_certs.authenticate_by_headers(bearer(KEY_B)).name == "beta"  # a header credential decides alone
+    assert with_certs.authenticate_by_headers({}) is None  # a certificate rule might still name the caller
+    for auth in (with_certs, without_certs):
+        with pytest.raises(AuthError, match="invalid credentials"):
+            auth.authenticate_by_headers(bearer("tfg_wrong"))
+    with pytest.raises(AuthError, match=MISSING):
+        without_certs.authenticate_by_headers({})
+
+
 @pytest.mark.parametrize("headers", [{}, {"authorization": "Basic dXNlcjpwdw=="}])
 def test_missing_credentials(tmp_path: Path, headers: dict[str, str]) -> None:
     error = refused(authenticator(tmp_path), headers)

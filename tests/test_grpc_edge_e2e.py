@@ -185,14 +185,17 @@ async def test_a_request_malformed_inside_the_model_spec_check_is_invalid_argume
 
 async def test_a_request_of_millions_of_tiny_fields_is_refused_before_it_holds_the_gateway(
         start: Any, certs: CertPaths, backends: list[BackendProcess]) -> None:
-    """Reading 2 million two-byte fields for the model spec held the gateway's event loop for seconds, even without
-    credentials. (The 4 MB message is within this gateway's limits.max_body_bytes: the field count refuses it.)"""
+    """Reading 2 million two-byte fields for the model spec held the gateway's event loop for seconds (found without
+    credentials, which are now refused before the message is read: see below; the model spec is read before a
+    caller is authorized for its model). The 4 MB message is within this gateway's limits.max_body_bytes: the field
+    count refuses it."""
     doc = document(certs, backends)
     doc["limits"] = {**doc.get("limits", {}), "max_body_bytes": 16 * 1024 * 1024}
     channel = await start(doc)
     raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await raw(b"\x78\x00" * 2_000_000 + predict_request().SerializeToString(), timeout=10)
+        await raw(b"\x78\x00" * 2_000_000 + predict_request().SerializeToString(), metadata=[("x-api-key", KEY)],
+                  timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "more than 10000 fields in one message" in raised.value.details()
     assert (await predict(channel))[0] == [3.0]
@@ -220,6 +223,24 @@ async def test_a_grpc_message_is_bounded_by_max_body_bytes(start: Any, certs: Ce
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call(message, metadata=[("x-api-key", KEY)], timeout=30)
     assert raised.value.code() == code
+
+
+@pytest.mark.parametrize("metadata", [[], [("x-api-key", "tfg_wrong")], [("authorization", "Bearer tfg_wrong")]])
+async def test_a_caller_failing_authentication_is_refused_before_its_message_is_read(
+        start: Any, certs: CertPaths, backends: list[BackendProcess], metadata: list[tuple[str, str]]) -> None:
+    """A message over the gRPC cap is refused as RESOURCE_EXHAUSTED as soon as gRPC reads it (the test above): a
+    caller the metadata already refuses gets UNAUTHENTICATED instead, so its message was never read."""
+    doc = document(certs, backends)
+    doc["limits"] = {**doc.get("limits", {}), "max_body_bytes": 1_000_000}
+    channel = await start(doc)
+    call = channel.unary_unary("/tensorflow.serving.PredictionService/Predict",
+                               response_deserializer=predict_pb2.PredictResponse.FromString)
+    message = predict_request().SerializeToString() + b"\x7a" + _varint(2_000_000) + bytes(2_000_000)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call(message, metadata=metadata, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert dict(raised.value.trailing_metadata() or ())["x-request-id"]
+    assert (await predict(channel))[0] == [3.0]  # the channel goes on serving
 
 
 def _varint(value: int) -> bytes:
