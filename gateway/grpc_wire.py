@@ -15,7 +15,7 @@ Guarantees: nothing is read past the buffer; bytes that are not a valid message 
 an over-long varint, deprecated group wire types) raise WireError; `with_model_spec`'s result parses to the same
 message with only the model spec replaced. A message of more than MAX_FIELDS fields is refused (WireError): each
 costs about a microsecond here, and one 4 MB request of two-byte fields held a gateway worker's event loop for
-seconds, before authentication.
+seconds, before its caller was authorized for the model the message names.
 """
 
 from __future__ import annotations
