@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -42,9 +43,23 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+class DirectSSLObject(ssl.SSLObject):
+    """An SSLObject whose read, write and pending are the C object's own methods. ssl.SSLObject wraps each in a
+    Python method that only forwards its arguments, and uvloop calls them several times per request (measured with
+    callgrind: 3.4k of the gateway's 207.5k instructions per proxied request). Same arguments, results and errors."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> DirectSSLObject:
+        connection = super()._create(*args, **kwargs)  # type: ignore[misc]  # private, so not in typeshed
+        inner = connection._sslobj
+        connection.read, connection.write, connection.pending = inner.read, inner.write, inner.pending
+        return connection
+
+
 def switching_context(current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     """The listener's context: hands every new connection to `current()` (see the module docstring)."""
     listener = current()  # same settings, so a client that sends no SNI still gets the current certificate
+    listener.sslobject_class = DirectSSLObject
 
     def switch(connection: ssl.SSLObject, _server_name: str | None, _context: ssl.SSLContext) -> None:
         connection.context = current()
