@@ -279,6 +279,23 @@ async def test_http_1_1_keeps_the_connection_alive() -> None:
 
 
 @on_each_loop
+async def test_a_keep_alive_connection_is_answered_by_one_task_that_ends_with_it() -> None:
+    async with serving() as server:
+        before = asyncio.all_tasks()
+        async with wire(server.port) as connection:
+            for path in ("/1", "/2", "/3"):
+                await to_thread(connection.send, request_bytes("GET", path))
+                assert (await to_thread(connection.reply)).status == 200
+            workers = asyncio.all_tasks() - before
+            assert len(workers) == 1 and not next(iter(workers)).done()
+        for _ in range(200):  # the server learns of the close on its next read
+            if not asyncio.all_tasks() - before:
+                break
+            await asyncio.sleep(0.01)
+        assert not asyncio.all_tasks() - before
+
+
+@on_each_loop
 async def test_http_1_0_closes_unless_asked_to_keep_alive() -> None:
     async with serving() as server:
         async with wire(server.port) as client:
