@@ -223,7 +223,8 @@ class _Connection(asyncio.Protocol):
     Invariant: `_waiter` is the pending future of the request in flight, None once it is resolved."""
 
     __slots__ = ("_body", "_deadline", "_framed", "_got_bytes", "_head", "_headers", "_headers_done", "_keep_alive",
-                 "_named", "_parser", "_pool", "_timer", "_waiter", "idle_since", "loop", "transport")
+                 "_named", "_offers_keep_alive", "_parser", "_pool", "_timer", "_waiter", "idle_since", "loop",
+                 "transport")
 
     def __init__(self, pool: HttpPool, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
@@ -241,6 +242,7 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
         self._framed = False  # by Content-Length or chunks; otherwise the body ends with the connection
         self._named: set[bytes] | None = None  # extra hop-by-hop fields named by Connection
+        self._offers_keep_alive = False  # Connection names keep-alive (see on_message_complete)
         self._keep_alive = False
         self.idle_since = 0.0  # for the pool's sweeper
 
@@ -251,6 +253,7 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._named = None
+        self._offers_keep_alive = False
         self._deadline = deadline
         timer = self._timer
         if timer is None or timer.when() > deadline:
@@ -332,7 +335,9 @@ class _Connection(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 self._framed = b"chunked" in value.lower()
             elif name == b"connection":
-                named = {token.strip() for token in value.lower().split(b",")} - {b"close", b"keep-alive", b""}
+                tokens = {token.strip() for token in value.lower().split(b",")}
+                self._offers_keep_alive = self._offers_keep_alive or b"keep-alive" in tokens
+                named = tokens - {b"close", b"keep-alive", b""}
                 if named:
                     self._named = named if self._named is None else self._named | named
         elif not name.startswith(b"proxy-"):
@@ -354,10 +359,13 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         if parser.get_status_code() < 200:  # an interim response (100 Continue, 103 Early Hints): the final follows
             self._headers = []
-            self._headers_done = self._framed = False
+            self._headers_done = self._framed = self._offers_keep_alive = False
             self._named = None
             return
-        self._complete(parser.should_keep_alive() and parser.get_http_version() != "1.0")
+        # An HTTP/1.0 answer is not kept alive. llhttp keeps one alive only when its Connection names keep-alive,
+        # so only then is the version asked (httptools formats it as text at each call: ~2.3k instructions).
+        self._complete(parser.should_keep_alive()
+                       and not (self._offers_keep_alive and parser.get_http_version() == "1.0"))
 
     # -- helpers ------------------------------------------------------------------------------------------------
 

@@ -308,6 +308,18 @@ async def test_http_1_0_closes_unless_asked_to_keep_alive() -> None:
                 await to_thread(client.send, request_bytes("GET", path, "Connection: keep-alive", version="1.0"))
                 reply = await to_thread(client.reply)
                 assert reply.json()["path"] == path and reply.headers["Connection"] == "keep-alive"
+        async with wire(server.port) as client:  # HTTP/1.1 keeps alive without saying so, asked to or not
+            for connection in ("Connection: keep-alive", "Connection: Keep-Alive, X-Hop"):
+                await to_thread(client.send, request_bytes("GET", "/", connection))
+                reply = await to_thread(client.reply)
+                assert reply.status == 200 and "Connection" not in reply.headers
+        async with wire(server.port) as client:  # an HTTP/1.0 client knows no 100 Continue: none is sent
+            await to_thread(client.send, request_bytes("POST", "/", "Expect: 100-continue", "Content-Length: 2",
+                                                       version="1.0"))
+            await asyncio.sleep(0.1)
+            await to_thread(client.send, b"{}")
+            reply = await to_thread(client.reply)
+            assert reply.status == 200 and reply.json()["body"] == "{}"
 
 
 @on_each_loop
