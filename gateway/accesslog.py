@@ -6,8 +6,9 @@ never carries bodies or credentials: headers are not logged at all.
 
 Why not the logging module: a LogRecord, a formatter and a flush per request cost more than forwarding the request
 itself (measured: the access log was the largest Python cost per request in the gateway). Lines are serialized by
-orjson straight from the record, appended to a buffer, and written out at most `flush_s` later (or at once when the
-buffer passes 64 KiB, and always on close), like nginx's `access_log ... buffer= flush=`.
+orjson straight from the record's fields (gateway/access_record.py), appended to a buffer, and written out at most
+`flush_s` later (or at once when the buffer passes 64 KiB, and always on close), like nginx's `access_log ...
+buffer= flush=`.
 
 The workers of one gateway (gateway/primary.py) share its stdout, often a pipe to a log shipper. A write to a pipe
 is whole only up to PIPE_BUF bytes (POSIX): a bigger one can be split and interleaved with another worker's, which
@@ -36,45 +37,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import orjson
 
 from backend.http_server import unicode_safe
+from gateway.access_record import AccessRecord
 
 _FLUSH_BYTES = 64 * 1024
 MAX_PENDING_BYTES = 8 * 1024 * 1024  # ~25k lines waiting for a stalled reader
 _DROP_WARNING_INTERVAL_S = 10.0
 
 log = logging.getLogger("tfgate.gateway")
-
-
-# Not slots=True: orjson serializes a dataclass from its __dict__ in ~1 µs, and one with slots field by field in ~3
-# (measured on this record), once per request.
-@dataclass
-class AccessRecord:
-    request_id: str
-    method: str
-    path: str
-    peer: str
-    principal: str = ""  # who called: a key or certificate rule's name, a token's subject; never a secret
-    ts: float = field(default_factory=time.time)
-    status: int = 0
-    model: str = ""
-    version: int | None = None
-    label: str | None = None
-    route: str = ""
-    pool: str = ""
-    upstream: str = ""
-    attempts: int = 0
-    duration_ms: float = 0.0
-    upstream_ms: float = 0.0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    error: str = ""
-    protocol: str = "rest"  # or "grpc", whose calls carry their status name in grpc_status (status stays 0)
-    grpc_status: str = ""
 
 
 class AccessLog:
@@ -100,7 +74,7 @@ class AccessLog:
         if self._stream is None:
             return
         try:
-            line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+            line = orjson.dumps(record.as_dict(), option=orjson.OPT_APPEND_NEWLINE)
         except TypeError:  # a value orjson refuses, such as a lone surrogate in a token's `sub`: the line is kept
             line = orjson.dumps(_encodable(record), option=orjson.OPT_APPEND_NEWLINE)
         self._buffer += line
@@ -153,7 +127,7 @@ def _encodable(record: AccessRecord) -> dict[str, object]:
     """The record's fields as orjson takes them: text that is not valid Unicode (lone surrogates, which JSON input
     such as a JWT's claims may hold) with that part escaped, integers beyond 64 bits as text."""
     out: dict[str, object] = {}
-    for key, value in vars(record).items():
+    for key, value in record.as_dict().items():
         if isinstance(value, str):
             value = unicode_safe(value)
         elif isinstance(value, int) and not -(1 << 63) <= value < (1 << 64):

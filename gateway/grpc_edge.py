@@ -40,7 +40,8 @@ from tensorflow_serving.apis.model_pb2 import ModelSpec
 from backend.deadlines import cancelled_code
 from backend.errors import status_details
 from gateway import errors
-from gateway.accesslog import AccessLog, AccessRecord
+from gateway.access_record import AccessRecord
+from gateway.accesslog import AccessLog
 from gateway.auth import AuthError
 from gateway.grpc_wire import WireError, read_model_spec, read_tasks, with_model_spec, with_task_versions
 from gateway.guard import Guard

@@ -26,7 +26,8 @@ from urllib.parse import quote
 
 from backend.http_server import HttpRequest, HttpResponse, json_error_body
 from gateway import errors
-from gateway.accesslog import AccessLog, AccessRecord
+from gateway.access_record import AccessRecord
+from gateway.accesslog import AccessLog
 from gateway.auth import Principal
 from gateway.guard import Guard
 from gateway.metrics import GatewayMetrics

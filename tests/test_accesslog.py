@@ -4,6 +4,7 @@ costs lines, never the event loop."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -19,14 +20,16 @@ import requests
 
 from bench.backend_process import REPO, BackendProcess, free_port
 from bench.proxies import GatewayProcess, gateway_config
-from gateway.accesslog import AccessLog, AccessRecord, whole_lines
+from gateway.access_record import AccessRecord
+from gateway.accesslog import AccessLog, whole_lines
 from gateway.certs import CertPaths
 from gateway.metrics import GatewayMetrics
 from tests.gateway_support import MODEL
 
 WRITER = """
 import asyncio, os, sys
-from gateway.accesslog import AccessLog, AccessRecord
+from gateway.access_record import AccessRecord
+from gateway.accesslog import AccessLog
 
 async def main() -> None:
     log = AccessLog(sys.stdout.buffer, flush_s=0.05)
@@ -50,6 +53,22 @@ asyncio.run(main())
 ])
 def test_the_buffer_goes_out_in_whole_lines_within_the_limit(buffer: bytes, limit: int, pieces: list[bytes]) -> None:
     assert list(whole_lines(buffer, limit)) == pieces
+
+
+def test_a_line_has_every_field_of_the_record_in_order() -> None:
+    record = AccessRecord(request_id="r-1", method="POST", path="/v1/models/m:predict", peer="127.0.0.1:1")
+    record.model, record.status = "m", 200
+    stream = io.BytesIO()
+
+    async def write() -> None:
+        access = AccessLog(stream)
+        access.write(record)
+        await access.close()
+
+    asyncio.run(write())
+    line = json.loads(stream.getvalue())
+    assert list(line) == [field.name for field in dataclasses.fields(AccessRecord)]
+    assert (line["request_id"], line["model"], line["status"], line["version"]) == ("r-1", "m", 200, None)
 
 
 def test_two_writers_on_one_pipe_never_cut_each_others_lines() -> None:
