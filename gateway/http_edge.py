@@ -59,9 +59,10 @@ def _forwarded_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
 
 
 def milliseconds(seconds: float) -> float:
-    """`seconds` in milliseconds to the microsecond, for the access log: ~100 ns compiled, where round(x, 3) (exact
-    decimal rounding) costs ~220."""
-    return round(seconds * 1e6) / 1e3
+    """`seconds` (a duration, not negative) in milliseconds to the microsecond, for the access log. Rounded half up
+    by a compiled int(), not by round(), which compiled code calls generically (~1.1k instructions a call, measured
+    with callgrind), and round(x, 3), exact decimal rounding, costs twice that."""
+    return int(seconds * 1e6 + 0.5) / 1e3
 
 
 class RequestIds:

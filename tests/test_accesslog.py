@@ -23,6 +23,7 @@ from bench.proxies import GatewayProcess, gateway_config
 from gateway.access_record import AccessRecord
 from gateway.accesslog import AccessLog, whole_lines
 from gateway.certs import CertPaths
+from gateway.http_edge import milliseconds
 from gateway.metrics import GatewayMetrics
 from tests.gateway_support import MODEL
 
@@ -69,6 +70,12 @@ def test_a_line_has_every_field_of_the_record_in_order() -> None:
     line = json.loads(stream.getvalue())
     assert list(line) == [field.name for field in dataclasses.fields(AccessRecord)]
     assert (line["request_id"], line["model"], line["status"], line["version"]) == ("r-1", "m", 200, None)
+
+
+@pytest.mark.parametrize("seconds, logged", [(0.0, 0.0), (0.25, 250.0), (1.0000004, 1000.0), (0.0000016, 0.002),
+                                             (0.0123456, 12.346), (3600.0, 3_600_000.0)])
+def test_durations_are_logged_in_milliseconds_to_the_microsecond(seconds: float, logged: float) -> None:
+    assert milliseconds(seconds) == logged
 
 
 def test_two_writers_on_one_pipe_never_cut_each_others_lines() -> None:
