@@ -85,7 +85,7 @@ class RateLimitsLike(Protocol):
     def models(self) -> Mapping[str, RateLike]: ...
 
 
-@dataclass(slots=True)  # not frozen: made per request (see backend/inference.py's ModelCall)
+@dataclass(init=False)  # made per request: its own __init__ runs compiled (see backend/inference.py's ModelCall)
 class Decision:
     allowed: bool
     limit: int  # RateLimit-Limit: burst of the deciding bucket
@@ -93,6 +93,11 @@ class Decision:
     reset_s: int  # RateLimit-Reset: whole seconds (ceil) until it is full
     retry_after_s: int  # Retry-After when refused (ceil, >= 1); 0 when allowed
     scope: Scope  # which bucket decided; "" when none applied
+
+    def __init__(self, allowed: bool, limit: int, remaining: int, reset_s: int, retry_after_s: int,
+                 scope: Scope) -> None:
+        self.allowed, self.limit, self.remaining = allowed, limit, remaining
+        self.reset_s, self.retry_after_s, self.scope = reset_s, retry_after_s, scope
 
 
 _NO_LIMIT = Decision(allowed=True, limit=0, remaining=0, reset_s=0, retry_after_s=0, scope="")
@@ -117,8 +122,8 @@ class TokenBucket:
     @classmethod
     def restore(cls, rate: RateLike, level: float, at: float) -> TokenBucket:
         """A bucket as saved (a shared slot): `level` tokens at time `at`."""
-        bucket = cls.__new__(cls)
-        bucket._rate, bucket._level, bucket._at = rate, level, at
+        bucket = cls(rate, at)
+        bucket._level = level
         return bucket
 
     @property
@@ -178,30 +183,45 @@ def _ceil_s(seconds: float) -> int:
     return max(math.ceil(seconds - _EPSILON), 0)
 
 
-class _LocalBuckets(OrderedDict[_Key, TokenBucket]):
-    """This process's buckets, least recently used first: no lock, nothing to write back."""
+class _LocalBuckets:
+    """This process's buckets, least recently used first: no lock, nothing to write back. An OrderedDict held, not
+    extended: the module is compiled (mypyc), whose classes cannot extend it."""
+
+    def __init__(self) -> None:
+        self._buckets: OrderedDict[_Key, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def __contains__(self, key: _Key) -> bool:
+        return key in self._buckets
+
+    def pop(self, key: _Key, default: None) -> None:
+        self._buckets.pop(key, default)
 
     def bucket(self, key: _Key, rate: RateLike, now: float) -> TokenBucket:
-        bucket = self.get(key)
+        buckets = self._buckets
+        bucket = buckets.get(key)
         if bucket is None:
-            bucket = self[key] = TokenBucket(rate, now)
+            bucket = buckets[key] = TokenBucket(rate, now)
             return bucket
-        self.move_to_end(key)
+        buckets.move_to_end(key)
         return bucket.follow(rate, now)
 
     def evict(self, now: float, target: int, protected: frozenset[_Key]) -> None:
         """Drop buckets, never the `protected` ones, until `target` are left (or only protected ones)."""
-        while len(self) > target:
-            oldest = [(key, bucket) for key, bucket in itertools.islice(self.items(), _EVICTION_SAMPLE + len(protected))
+        buckets = self._buckets
+        while len(buckets) > target:
+            oldest = [(key, bucket) for key, bucket in itertools.islice(buckets.items(), _EVICTION_SAMPLE + len(protected))
                       if key not in protected][:_EVICTION_SAMPLE]
             if not oldest:
                 return
             for key in [key for key, bucket in oldest if bucket.is_full(now)] or [oldest[0][0]]:
-                del self[key]
+                del buckets[key]
 
     def drop_models(self, models: Mapping[str, RateLike]) -> None:
-        for key in [key for key in self if key[0] == "model" and key[2] not in models]:
-            del self[key]
+        for key in [key for key in self._buckets if key[0] == "model" and key[2] not in models]:
+            del self._buckets[key]
 
 
 class _SharedStore:
