@@ -92,8 +92,8 @@ class LoopHistogram(_Family):
         series: list[float] | None = self._series.get(labels)
         if series is None:
             series = self._series[labels] = [0.0] * (len(self._bounds) + 2)
-        # The first bound not below the value: a scan of the few bounds, compiled, costs a fifth of a call to
-        # bisect.bisect_left (measured with callgrind: ~750 instructions a call, two histograms per request).
+        # The first bound not below the value, by a compiled scan of the few bounds: a call to bisect.bisect_left
+        # from compiled code cost ~750 instructions, and observe ~2.7k in all where it is now ~1.2k (callgrind).
         bucket = 0
         for bound in self._bounds:
             if value <= bound:
