@@ -400,7 +400,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._refuse(400, "Malformed HTTP request: invalid URL")
             raise _StopParsing from None
         path = url.path or b"/"  # absolute-form without a path: "http://host"
-        if b"%" in path:
+        # find, not `in`: bytes.__contains__ first tries its operand as an integer, and a bytes operand costs it a
+        # TypeError raised and cleared (~1.5k instructions, per request here).
+        if path.find(b"%") >= 0:
             path = unquote_to_bytes(path)
         return HttpRequest(method=self._parser.get_method().decode("ascii"), path=path.decode("utf-8", "replace"),
                            query=url.query.decode("latin-1") if url.query else "", headers=self._headers, body=body,

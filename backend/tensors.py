@@ -242,7 +242,7 @@ def predict_response(outputs: Mapping[str, np.ndarray], row_format: bool) -> byt
         (array,) = outputs.values()
         if _written_as_is(array) and (array.ndim or not row_format):
             body = encode_json({"predictions" if row_format else "outputs": array})
-            if b"null" not in body:
+            if body.find(b"null") < 0:  # find, not `in`: see backend/http_server.py's _request
                 return body
     values = {name: _output_value(name, array) for name, array in outputs.items()}
     if row_format:
@@ -252,7 +252,7 @@ def predict_response(outputs: Mapping[str, np.ndarray], row_format: bool) -> byt
     else:
         document = {"outputs": values}
     body = encode_json(document)
-    if b"null" in body and any(_needs_slow_path(array) for array in outputs.values()):
+    if body.find(b"null") >= 0 and any(_needs_slow_path(array) for array in outputs.values()):
         return json.dumps(_plain(document), separators=(",", ":"), allow_nan=True).encode()
     return body
 

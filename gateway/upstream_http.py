@@ -333,7 +333,7 @@ class _Connection(asyncio.Protocol):
             if name == b"content-length":
                 self._framed = True
             elif name == b"transfer-encoding":
-                self._framed = b"chunked" in value.lower()
+                self._framed = value.lower().find(b"chunked") >= 0  # not `in`: see backend/http_server.py's _request
             elif name == b"connection":
                 tokens = {token.strip() for token in value.lower().split(b",")}
                 self._offers_keep_alive = self._offers_keep_alive or b"keep-alive" in tokens
