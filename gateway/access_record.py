@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 
-@dataclass(init=False)
+@dataclass(slots=True, init=False)
 class AccessRecord:
     request_id: str
     method: str

@@ -85,7 +85,7 @@ class RateLimitsLike(Protocol):
     def models(self) -> Mapping[str, RateLike]: ...
 
 
-@dataclass(init=False)  # made per request: its own __init__ runs compiled (see backend/inference.py's ModelCall)
+@dataclass(slots=True, init=False)  # made per request: its own __init__ runs compiled (see backend/inference.py's ModelCall)
 class Decision:
     allowed: bool
     limit: int  # RateLimit-Limit: burst of the deciding bucket
