@@ -19,10 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     except FlagError as error:
         print(f"tfgate-backend: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from backend.siblings import WorkerRole
+
+    role = WorkerRole.from_env(os.environ)
+    who = "" if role is None else f" [worker {role.index}]"  # the workers of `--workers` share one stderr
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before its import
     import uvloop
 
+    if flags.workers > 1 and role is None:
+        from backend.workers import run_workers
+
+        return uvloop.run(run_workers(args, flags))
     from backend.server import StartupError, serve
 
     try:

@@ -43,6 +43,7 @@ class ServerFlags:
     enable_serialization_as_tensor_content: bool = False
     enable_batching: bool = False
     batching_parameters_file: str = ""
+    workers: int = 1
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -75,6 +76,8 @@ _HELP: dict[str, str] = {
     "enable_serialization_as_tensor_content": "gRPC outputs in tensor_content instead of the typed *_val fields",
     "enable_batching": "merge concurrent requests to a signature into one TensorFlow run",
     "batching_parameters_file": "BatchingParameters text proto; re-read with the model config",
+    "workers": "backend processes serving the same ports, each loading every model (tfgate addition): a process "
+               "answers requests on one core, so on a multi-core CPU host more workers serve more",
 }
 
 # TF Serving flags that a user may pass but this server does not implement yet: named, so the error says so.
@@ -83,6 +86,8 @@ _NOT_YET = frozenset({
     "platform_config_file", "rest_api_num_threads", "enable_signature_method_name_check",
     "tensorflow_session_parallelism", "per_process_gpu_memory_fraction",
 })
+
+MAX_WORKERS = 256
 
 _FIELDS = {field.name: field for field in dataclasses.fields(ServerFlags)}
 
@@ -157,6 +162,10 @@ def _check(flags: ServerFlags) -> None:
                  "load_retry_interval_micros", "tensorflow_intra_op_parallelism", "grace_period_s"):
         if getattr(flags, name) < 0:
             raise FlagError(f"--{name} must not be negative")
+    if not 1 <= flags.workers <= MAX_WORKERS:
+        raise FlagError(f"--workers must be between 1 and {MAX_WORKERS}")
+    if flags.workers > 1 and not (flags.port or flags.rest_api_port):
+        raise FlagError("--workers needs a port to share: --port or --rest_api_port")
     if flags.batching_parameters_file and not flags.enable_batching:
         raise FlagError("--batching_parameters_file is given without --enable_batching")
     if not flags.tags:

@@ -65,6 +65,8 @@ class GrpcContext:
     health: Health
     in_flight: InFlight
     tensor_content: bool = False
+    # Called once HandleReloadConfigRequest applied a config here: a `--workers` backend's other workers apply it too.
+    after_reload: Callable[[model_server_config_pb2.ModelServerConfig], Awaitable[None]] | None = None
 
     def resolve(self, spec: model_pb2.ModelSpec) -> Servable:
         return self.manager.resolve(*_named_version(spec))
@@ -297,22 +299,28 @@ class ModelService:
 
 
     async def _reload(self, config: model_server_config_pb2.ModelServerConfig) -> None:
-        manager = self.context.manager
-        try:
-            configs = configs_from_proto(config, "ReloadConfigRequest")
-            await manager.apply(configs, strict_labels=True)
-        except UnavailableLabelError as error:
-            raise errors.FailedPrecondition(str(error)) from None
-        except ModelConfigError as error:
-            raise errors.InvalidArgument(str(error)) from None
-        names = [model.name for model in configs]
-        failures = manager.load_failures(names, only_unserved=True)
-        if failures:
-            raise errors.Unknown(f"Failed to load models from the new config: {failures}")
-        unserved = [name for name in names if not manager.version_ready(name)]
-        if unserved:
-            raise errors.FailedPrecondition(f"The config is applied, but these models serve no version yet (none "
-                                            f"found under their base paths): {', '.join(unserved)}")
+        await apply_config(self.context.manager, config)
+        if self.context.after_reload is not None:
+            await self.context.after_reload(config)
+
+
+async def apply_config(manager: ModelManager, config: model_server_config_pb2.ModelServerConfig) -> None:
+    """Make `config` the model config; raise a ServingError saying why a model cannot serve from it."""
+    try:
+        configs = configs_from_proto(config, "ReloadConfigRequest")
+        await manager.apply(configs, strict_labels=True)
+    except UnavailableLabelError as error:
+        raise errors.FailedPrecondition(str(error)) from None
+    except ModelConfigError as error:
+        raise errors.InvalidArgument(str(error)) from None
+    names = [model.name for model in configs]
+    failures = manager.load_failures(names, only_unserved=True)
+    if failures:
+        raise errors.Unknown(f"Failed to load models from the new config: {failures}")
+    unserved = [name for name in names if not manager.version_ready(name)]
+    if unserved:
+        raise errors.FailedPrecondition(f"The config is applied, but these models serve no version yet (none "
+                                        f"found under their base paths): {', '.join(unserved)}")
 
 
 def add_services(server: grpc.aio.Server, context: GrpcContext) -> None:

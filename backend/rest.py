@@ -20,7 +20,7 @@ import re
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -97,19 +97,23 @@ class _Prepared:
         self.call, self.row_format = call, row_format
 
 
+Exposition = Callable[[], Awaitable[tuple[bytes, str]]]  # Prometheus text, and its content type
+
+
 def json_response(status: int, body: bytes) -> HttpResponse:
     return HttpResponse(status=status, body=body)
 
 
 class RestApi:
     def __init__(self, manager: ModelManager, executor: Executor, runner: CallRunner, options: RestOptions,
-                 metrics: BackendMetrics, health: Health) -> None:
+                 metrics: BackendMetrics, health: Health, exposition: Exposition | None = None) -> None:
         self._manager = manager
         self._executor = executor
         self._runner = runner
         self._options = options
         self._metrics = metrics
         self._health = health
+        self._exposition = exposition  # the whole backend's metrics, when not this process's alone (--workers)
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         """Route one request; errors become TF Serving's JSON errors; model calls are counted in the metrics."""
@@ -143,7 +147,8 @@ class RestApi:
             if path.startswith("/v2/"):
                 return self._probe(path)
             if path == self._options.metrics_path:
-                body, content_type = self._metrics.exposition()
+                body, content_type = (self._metrics.exposition() if self._exposition is None
+                                      else await self._exposition())
                 return HttpResponse(status=200, body=body, content_type=content_type)
             if path.rstrip("/").lower() == "/v1/models":
                 raise errors.InvalidArgument("Missing model name in request.")

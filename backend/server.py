@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -26,9 +27,12 @@ from typing import Callable
 
 import grpc
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2
+from tensorflow_serving.config import model_server_config_pb2
 
+from backend import errors
 from backend.batcher import Batcher
 from backend.batching_config import (
     BatchingConfigError,
@@ -39,13 +43,14 @@ from backend.batching_config import (
 )
 from backend.flags import ServerFlags
 from backend.grpc_health_service import add_health
-from backend.grpc_service import GrpcContext, add_services
+from backend.grpc_service import GrpcContext, add_services, apply_config
 from backend.health import Health, InFlight
 from backend.http_server import HttpServer
 from backend.metrics import BackendMetrics
 from backend.model_config import (
     ModelConfig,
     ModelConfigError,
+    configs_from_proto,
     read_model_config_file,
     single_model,
 )
@@ -58,6 +63,7 @@ from backend.monitoring_config import (
 from backend.rest import RestApi, RestOptions
 from backend.runners import CallRunner, DirectRunner
 from backend.servable import CALLER_THREAD, Servable, load_servable, session_config
+from backend.siblings import Siblings, WorkerRole
 from backend.ssl_config import SSLConfig, SSLConfigError, read_ssl_config
 from backend.warmup import run_warmup
 
@@ -81,9 +87,14 @@ class _Settings:
     batching: BatchingParameters | None  # None: batching is off
 
 
-def _read_settings(flags: ServerFlags) -> _Settings:
+def _read_settings(flags: ServerFlags, role: WorkerRole | None) -> _Settings:
     try:
-        models = read_model_config_file(flags.model_config_file) if flags.model_config_file else single_model(flags)
+        if role is not None and role.kept_config.exists():  # a restarted worker: the group's config has changed
+            models = configs_from_proto(_parse_config(role.kept_config.read_bytes()), str(role.kept_config))
+        elif flags.model_config_file:
+            models = read_model_config_file(flags.model_config_file)
+        else:
+            models = single_model(flags)
         prometheus = (read_monitoring_config(flags.monitoring_config_file) if flags.monitoring_config_file
                       else PrometheusSettings(enabled=False, path=""))
         ssl = read_ssl_config(flags.ssl_config_file) if flags.ssl_config_file else None
@@ -119,11 +130,14 @@ def _configure_tensorflow(flags: ServerFlags, batching: BatchingParameters | Non
     by the event loop."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     intra_op = flags.tensorflow_intra_op_parallelism
+    cpus = max(1, schedulable_cpus() // flags.workers)  # this process's share of the machine
     if not intra_op and batching is not None:
-        cpus = schedulable_cpus()
         intra_op = batching.intra_op_threads(cpus)
         log.info("TensorFlow intra-op threads: %d per op (%d CPUs, num_batch_threads %d)", intra_op, cpus,
                  batching.num_batch_threads)
+    elif not intra_op and flags.workers > 1:
+        intra_op = cpus
+        log.info("TensorFlow intra-op threads: %d per op (this worker's share of the CPUs)", intra_op)
     config = session_config(intra_op, flags.tensorflow_inter_op_parallelism)
     if config.inter_op_parallelism_threads == CALLER_THREAD:
         log.info("TensorFlow inter-op: each step runs its ops in the calling thread "
@@ -162,7 +176,8 @@ def _loader(flags: ServerFlags, metrics: BackendMetrics,
 
 
 async def serve(flags: ServerFlags) -> None:
-    settings = _read_settings(flags)
+    role = WorkerRole.from_env(os.environ)  # set when this process is one of a `--workers` group's
+    settings = _read_settings(flags, role)
     metrics = BackendMetrics()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -192,14 +207,23 @@ async def serve(flags: ServerFlags) -> None:
 
         core = _Core(manager=manager, executor=inference_executor, runner=runner, metrics=metrics,
                      health=Health(manager))
+        siblings = None
+        if role is not None:
+            siblings = Siblings(role, metrics.exposition, functools.partial(_apply_serialized_config, manager))
         grpc_calls = InFlight()
-        grpc_server, health_service = await _start_grpc(flags, settings, core, grpc_calls)
-        rest_server = await _start_rest(flags, settings, core)
-        log.info("serving models: %s", ", ".join(manager.model_names()))
+        grpc_server, health_service = await _start_grpc(flags, settings, core, grpc_calls, siblings)
+        rest_server = await _start_rest(flags, settings, core, siblings)
+        if siblings is not None:
+            await siblings.start()
+            stack.push_async_callback(siblings.close)
+        log.info("serving models: %s%s", ", ".join(manager.model_names()),
+                 f" (worker {role.index} of {flags.workers})" if role is not None else "")
         await stop.wait()
 
         log.info("shutting down: not ready; draining in-flight requests (grace %gs)", flags.grace_period_s)
         core.health.draining = True
+        if siblings is not None:
+            await siblings.close()  # the other workers stop calling this one; the exit stack's close is then a no-op
         if health_service is not None:
             await health_service.enter_graceful_shutdown()
         await asyncio.gather(*([_drain_grpc(grpc_server, grpc_calls, flags.grace_period_s)]
@@ -227,16 +251,20 @@ class _Core:
     health: Health
 
 
-async def _start_grpc(flags: ServerFlags, settings: _Settings, core: _Core, calls: InFlight
+async def _start_grpc(flags: ServerFlags, settings: _Settings, core: _Core, calls: InFlight, siblings: Siblings | None
                       ) -> tuple[grpc.aio.Server | None, grpc_health.aio.HealthServicer | None]:
     if not flags.port:
         return None, None
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-                                      ("grpc.so_reuseport", 0)])
+                                      ("grpc.so_reuseport", int(siblings is not None))])
+    after_reload = None
+    if siblings is not None:
+        after_reload = lambda config: siblings.push_config(config.SerializeToString())
     add_services(server, GrpcContext(manager=core.manager, executor=core.executor, runner=core.runner,
                                      metrics=core.metrics, health=core.health, in_flight=calls,
-                                     tensor_content=flags.enable_serialization_as_tensor_content))
+                                     tensor_content=flags.enable_serialization_as_tensor_content,
+                                     after_reload=after_reload))
     health_service = None
     if flags.enable_grpc_healthcheck_service:
         health_service = add_health(server)
@@ -255,19 +283,37 @@ async def _start_grpc(flags: ServerFlags, settings: _Settings, core: _Core, call
     return server, health_service
 
 
-async def _start_rest(flags: ServerFlags, settings: _Settings, core: _Core) -> HttpServer | None:
+async def _start_rest(flags: ServerFlags, settings: _Settings, core: _Core, siblings: Siblings | None
+                      ) -> HttpServer | None:
     if not flags.rest_api_port:
         return None
     options = RestOptions(timeout_s=flags.rest_api_timeout_in_ms / 1000, max_body_bytes=flags.rest_api_max_body_bytes,
                           metrics_path=settings.prometheus.path if settings.prometheus.enabled else None)
-    api = RestApi(core.manager, core.executor, core.runner, options, core.metrics, core.health)
+    api = RestApi(core.manager, core.executor, core.runner, options, core.metrics, core.health,
+                  exposition=siblings.exposition if siblings is not None else None)
     server = HttpServer(api.handle, max_body_bytes=flags.rest_api_max_body_bytes)
     try:
-        await server.start(flags.bind_address, flags.rest_api_port)
+        await server.start(flags.bind_address, flags.rest_api_port, reuse_port=siblings is not None)
     except OSError as error:  # the port is taken, or the address is not this host's
         raise StartupError(f"cannot serve REST (--rest_api_port): {error.strerror or error}") from None
     log.info("Exporting HTTP/REST API at:%s:%d ...", flags.bind_address, flags.rest_api_port)
     return server
+
+
+def _parse_config(serialized: bytes) -> model_server_config_pb2.ModelServerConfig:
+    try:
+        return model_server_config_pb2.ModelServerConfig.FromString(serialized)
+    except DecodeError as error:
+        raise ModelConfigError(f"not a serialized ModelServerConfig: {error}") from None
+
+
+async def _apply_serialized_config(manager: ModelManager, serialized: bytes) -> None:
+    """A config another worker of the group applied (backend/siblings.py), applied here as it was there."""
+    try:
+        config = _parse_config(serialized)
+    except ModelConfigError as error:
+        raise errors.InvalidArgument(str(error)) from None
+    await apply_config(manager, config)
 
 
 async def _load_initial_models(manager: ModelManager, models: tuple[ModelConfig, ...], flags: ServerFlags,

@@ -131,6 +131,8 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.add_argument("--quick", action="store_true", help="fewer parts (for tests)")
     parser.add_argument("--batching-parameters", type=Path,
                         help="BatchingParameters text file for (b) (default: the one described above)")
+    parser.add_argument("--workers", type=positive_int, default=1,
+                        help="processes of the tfgate backend in (b) and (c): its --workers (default 1)")
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="interleaved rounds of the ceiling and (b)'s targeted loads (default 3)")
     parser.add_argument("--grpc-generator", choices=("auto", "h2load", "python"), default="auto",
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tfgate-bench-") as workdir:
         work = Path(workdir)
         (work / "batching.txt").write_text(batching)
-        plain = [f"--model_name={MODEL}", f"--model_base_path={base_path}"]
+        plain = [f"--model_name={MODEL}", f"--model_base_path={base_path}", f"--workers={args.workers}"]
         batched = [*plain, "--enable_batching", f"--batching_parameters_file={work / 'batching.txt'}"]
         with BackendProcess(batched, work / "batching.log") as backend:
             try:
@@ -193,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     machine = environment()
     write_json(args.out, {
         "benchmark": "backend-efficiency", "model": MODEL, "version": VERSION, "seconds": args.seconds,
-        "warmup_s": args.warmup, "quick": args.quick, "batching_parameters": batching, "environment": machine,
+        "warmup_s": args.warmup, "quick": args.quick, "workers": args.workers, "batching_parameters": batching,
+        "environment": machine,
         "ceiling": {"key": ceiling["key"], "rows_per_s": ceiling["rows_per_s"]}, "results": results,
         "skipped": skipped, "ratios": ratios, "latency_target": target, "rounds": rounds,
         "share_targets": share_targets})
@@ -371,8 +374,9 @@ def _plot(path: Path, results: list[dict[str, Any]], ceiling: dict[str, Any]) ->
 def _print_report(args: argparse.Namespace, results: list[dict[str, Any]], skipped: dict[str, str],
                   ratios: dict[str, dict[str, float | None]], ceiling: dict[str, Any],
                   target: dict[str, Any] | None) -> None:
-    print(f"\nbackend-efficiency: {MODEL} ({FEATURES}→1024→1024→{CLASSES}), {args.seconds:g} s per row after "
-          f"{args.warmup:g} s warm-up; closed loops, 'x N' = N requests in flight; latency in ms; vs (a) = rows/s "
+    workers = f", tfgate backend with --workers={args.workers}" if args.workers > 1 else ""
+    print(f"\nbackend-efficiency: {MODEL} ({FEATURES}→1024→1024→{CLASSES}){workers}, {args.seconds:g} s per row "
+          f"after {args.warmup:g} s warm-up; closed loops, 'x N' = N requests in flight; latency in ms; vs (a) = rows/s "
           f"over the in-process ceiling ({ceiling['key'].replace('_', ' ')}: {ceiling['rows_per_s']:.1f} rows/s)")
     print(format_table([((result["label"],), result) for result in results], headers=("part",), columns=COLUMNS))
     for part, reason in skipped.items():

@@ -120,3 +120,18 @@ def hold_port(host: str, port: int) -> Hold | None:
         hold.close()
         return _Checked()
     return hold
+
+
+def reserve_shared_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) with SO_REUSEPORT, for a group of worker processes that listen on one port with it: port 0
+    resolves once, another program that holds the port fails the start at once, and the port stays the group's while
+    a worker restarts (connections go to the workers that listen; with none, they are refused)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -43,6 +43,7 @@ from gateway.auth import Authenticator
 from gateway.config import AdminKey, GatewayConfig, HostPort, worker_document
 from gateway.config_watch import watch_config
 from gateway.fleet import FleetSection, die_with_parent, exit_text
+from gateway.fleet_ports import reserve_shared_port
 from gateway.keys import digest
 from gateway.merge import merge_backends, merge_expositions
 from gateway.metrics import GatewayMetrics
@@ -368,16 +369,7 @@ class Primary:
 
 
 def _reserve(address: HostPort) -> tuple[socket.socket, HostPort]:
-    """Bind (not listen) with SO_REUSEPORT: resolves port 0 once, and holds the port for the workers' group."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((address.host, address.port))
-    except OSError:
-        sock.close()
-        raise
+    sock = reserve_shared_port(address.host, address.port)
     return sock, HostPort(address.host, sock.getsockname()[1])
 
 

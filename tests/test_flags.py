@@ -50,6 +50,8 @@ def test_inter_op_parallelism_at_or_below_zero_means_the_calling_thread() -> Non
     (["--model_base_path=/m", "--port=1", "--port=2"], "given twice"),
     (["--model_base_path=/m", "stray"], "unexpected argument"),
     (["--model_base_path=/m", "--rest_api_port=70000"], "between 0 and 65535"),
+    (["--model_base_path=/m", "--workers=0"], "--workers must be between 1 and 256"),
+    (["--model_base_path=/m", "--workers=2", "--port=0"], "--workers needs a port to share"),
     (["--model_base_path=/m", "--file_system_poll_wait_seconds=-1"], "must not be negative"),
     (["--model_base_path=/m", "--tensorflow_intra_op_parallelism=-1"], "must not be negative"),
 ])
