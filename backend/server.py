@@ -195,6 +195,8 @@ async def serve(flags: ServerFlags) -> None:
         manager = ModelManager(_loader(flags, metrics, settings.batching), load_executor, policy, observer=metrics)
         if not await _load_initial_models(manager, settings.models, flags, stop):
             return
+        if role is not None and not await role.wait_for_group(flags.workers, stop):
+            return
         runner: CallRunner = DirectRunner(inference_executor)
         batcher = None
         if settings.batching is not None:

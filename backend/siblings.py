@@ -38,6 +38,7 @@ ENV_TOKEN = "TFGATE_BACKEND_WORKER_TOKEN"
 _SCRAPE_TIMEOUT = aiohttp.ClientTimeout(total=10)
 _RELOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)  # a reload waits for its models to load
 _PRIVATE_MAX_BODY_BYTES = 64 * 1024 * 1024
+_GROUP_POLL_S = 0.05
 
 Exposition = Callable[[], tuple[bytes, str]]
 ApplyConfig = Callable[[bytes], Awaitable[None]]  # a serialized ModelServerConfig; raises errors.ServingError
@@ -72,6 +73,22 @@ class WorkerRole:
     def port_file(self) -> Path:
         """Written once the worker serves; gone while it is down."""
         return self.run_dir / f"worker-{self.index}.port"
+
+    @property
+    def loaded_file(self) -> Path:
+        """Written once the worker loaded its models; gone while it is down."""
+        return self.run_dir / f"worker-{self.index}.loaded"
+
+    async def wait_for_group(self, workers: int, stop: asyncio.Event) -> bool:
+        """Say this worker has loaded its models, and wait until every worker of the group has (False: stopped
+        first). So the ports open when the whole backend can serve, not when its first worker can: a client that
+        connects at once is spread over all the workers (a restarted worker finds the others loaded already)."""
+        self.loaded_file.touch()
+        while not all(self.for_index(index).loaded_file.exists() for index in range(workers)):
+            if stop.is_set():
+                return False
+            await asyncio.sleep(_GROUP_POLL_S)
+        return True
 
     @property
     def kept_config(self) -> Path:

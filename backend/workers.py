@@ -8,9 +8,11 @@ How it works: this parent binds --port and --rest_api_port with SO_REUSEPORT wit
 program holds fails the start at once, and the ports stay the group's while a worker restarts), then starts N
 `python -m backend` children with the same command line and their role in the environment (backend/siblings.py).
 Each child is a whole backend: it loads every model, polls base paths and the config file itself, and listens on
-the shared ports with SO_REUSEPORT, so the kernel spreads connections over the workers. The parent imports no
-TensorFlow. It restarts a worker that exits unasked (with the gateway fleet's backoff; a crash loop is given up),
-and on SIGTERM/SIGINT sends SIGTERM to every worker, each of which drains its requests within --grace_period_s.
+the shared ports with SO_REUSEPORT, so the kernel spreads connections over the workers. The workers open the ports
+only once all of them have loaded their models: as with one backend, an open port means the backend is ready. The
+parent imports no TensorFlow. It restarts a worker that exits unasked (with the gateway fleet's backoff; a crash
+loop is given up), and on SIGTERM/SIGINT sends SIGTERM to every worker, each of which drains its requests within
+--grace_period_s.
 
 As with one backend, the start fails (exit 1) if a worker exits before it serves: a bad flag, config or model.
 """
@@ -96,7 +98,8 @@ class WorkerGroup:
             self._processes[role.index] = process
             policy.on_started(time.monotonic())
             code = await process.wait()
-            role.port_file.unlink(missing_ok=True)  # it no longer serves, whatever it managed to clean up
+            for gone in (role.port_file, role.loaded_file):  # it no longer serves, whatever it managed to clean up
+                gone.unlink(missing_ok=True)
             if self._stopping:
                 return
             if not self._serving:

@@ -95,8 +95,7 @@ def test_workers_share_both_ports_and_a_scrape_counts_them_all(start_backend: St
                                                                tmp_path: Path) -> None:
     backend = start_backend("--model_name=hpt", f"--model_base_path={demo_models}/half_plus_two",
                             f"--workers={WORKERS}", monitoring(tmp_path))
-    group = workers(backend)
-    rest_calls, grpc_calls = 40, 20
+    rest_calls, grpc_calls = 40, 20  # made as soon as the port accepts: every worker listens by then
     for _ in range(rest_calls):  # each on a new connection, which the kernel hands to any worker
         answer = requests.post(f"{backend.url}/v1/models/hpt:predict", json={"instances": [4.0]},
                                headers={"connection": "close"}, timeout=30)
@@ -105,7 +104,7 @@ def test_workers_share_both_ports_and_a_scrape_counts_them_all(start_backend: St
         assert grpc_predict(backend.grpc_port) == [HALF_PLUS_TWO_OF_4]
 
     count = ("tensorflow_serving_request_count_total", 'model_name="hpt",status="OK"')
-    per_worker = [sample(worker.metrics(), *count) for worker in group]
+    per_worker = [sample(worker.metrics(), *count) for worker in workers(backend)]
     assert all(served > 0 for served in per_worker), per_worker  # 60 connections, not all to one worker
     assert sum(per_worker) == rest_calls + grpc_calls
     for _ in range(4):  # whichever worker takes the scrape, it answers for all of them
