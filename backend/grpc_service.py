@@ -65,8 +65,8 @@ class GrpcContext:
     health: Health
     in_flight: InFlight
     tensor_content: bool = False
-    # Called once HandleReloadConfigRequest applied a config here: a `--workers` backend's other workers apply it too.
-    after_reload: Callable[[model_server_config_pb2.ModelServerConfig], Awaitable[None]] | None = None
+    # How HandleReloadConfigRequest applies a config when not only here: in every worker of a `--workers` backend.
+    reload_group: Callable[[model_server_config_pb2.ModelServerConfig], Awaitable[None]] | None = None
 
     def resolve(self, spec: model_pb2.ModelSpec) -> Servable:
         return self.manager.resolve(*_named_version(spec))
@@ -299,9 +299,10 @@ class ModelService:
 
 
     async def _reload(self, config: model_server_config_pb2.ModelServerConfig) -> None:
-        await apply_config(self.context.manager, config)
-        if self.context.after_reload is not None:
-            await self.context.after_reload(config)
+        if self.context.reload_group is not None:
+            await self.context.reload_group(config)
+        else:
+            await apply_config(self.context.manager, config)
 
 
 async def apply_config(manager: ModelManager, config: model_server_config_pb2.ModelServerConfig) -> None:

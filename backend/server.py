@@ -260,13 +260,13 @@ async def _start_grpc(flags: ServerFlags, settings: _Settings, core: _Core, call
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", int(siblings is not None))])
-    after_reload = None
+    reload_group = None
     if siblings is not None:
-        after_reload = lambda config: siblings.push_config(config.SerializeToString())
+        reload_group = lambda config: siblings.reload_group(config.SerializeToString())
     add_services(server, GrpcContext(manager=core.manager, executor=core.executor, runner=core.runner,
                                      metrics=core.metrics, health=core.health, in_flight=calls,
                                      tensor_content=flags.enable_serialization_as_tensor_content,
-                                     after_reload=after_reload))
+                                     reload_group=reload_group))
     health_service = None
     if flags.enable_grpc_healthcheck_service:
         health_service = add_health(server)

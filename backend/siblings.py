@@ -8,8 +8,8 @@ once it serves, that answers only callers holding the group's token (given to th
 - `POST /reload` (a serialized ModelServerConfig): apply it, as HandleReloadConfigRequest does. The worker that gets
   a HandleReloadConfigRequest applies it, keeps it in `<dir>/model-config.pb` (a worker restarted later starts from
   it rather than from its command line), then has every other worker apply it before it answers; a worker that
-  refuses it makes the call fail, naming it. A worker that is restarting right now is not waited for: it starts
-  from the kept config.
+  refuses it makes the call fail, naming it. One such reload runs at a time in the group (a file lock). A worker
+  that is restarting right now is not waited for: it starts from the kept config.
 
 Nothing here imports TensorFlow: the parent process reads `WorkerRole` too.
 """
@@ -17,10 +17,13 @@ Nothing here imports TensorFlow: the parent process reads `WorkerRole` too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hmac
 import logging
+import os
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,8 +139,29 @@ class Siblings:
                 log.warning("a worker's metrics are left out of this scrape: %s", body.decode(errors="replace"))
         return merge_expositions(texts).encode(), content_type
 
-    async def push_config(self, config: bytes) -> None:
-        """After this worker applied `config`: keep it for restarts and have every other worker apply it."""
+    async def reload_group(self, config: bytes) -> None:
+        """HandleReloadConfigRequest: apply `config` here, keep it for restarts, and have every other worker apply it.
+        One group-wide reload at a time (a file lock), so two reloads sent to two workers at once leave every worker
+        with the same config: the one applied last."""
+        async with self._group_lock():
+            await self._apply_config(config)  # refused here: refused, and nobody else is asked
+            await self._push_config(config)
+
+    @contextlib.asynccontextmanager
+    async def _group_lock(self) -> AsyncIterator[None]:
+        lock = os.open(self._role.run_dir / "reload.lock", os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:  # another worker's reload: this one's loop keeps serving (its push too)
+                    await asyncio.sleep(_GROUP_POLL_S)
+            yield
+        finally:
+            os.close(lock)  # which releases the lock
+
+    async def _push_config(self, config: bytes) -> None:
         staging = self._role.kept_config.with_suffix(".tmp")
         staging.write_bytes(config)
         staging.replace(self._role.kept_config)
