@@ -26,7 +26,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -69,19 +69,19 @@ def thread_wakeup_us(samples: int = 200) -> dict[str, float | None]:
 def cold_pass_ratio(samples: int = 60) -> float:
     """Median time of a pass over COLD_PASS_BYTES right after sleeping, over the median back to back."""
     data = np.ones(COLD_PASS_BYTES // 4, np.float32)
+    return median_ns(data.sum, _COLD_IDLE_S, samples) / median_ns(data.sum, 0.0, samples)
 
-    def median_pass_ns(idle_s: float) -> float:
-        times = []
-        for _ in range(samples):
-            if idle_s:
-                time.sleep(idle_s)
-            started = time.perf_counter_ns()
-            data.sum()
-            times.append(time.perf_counter_ns() - started)
-        return statistics.median(times)
 
-    warm = median_pass_ns(0.0)
-    return median_pass_ns(_COLD_IDLE_S) / warm
+def median_ns(work: Callable[[], object], idle_s: float, samples: int) -> float:
+    """Median nanoseconds of `work`, each call right after sleeping `idle_s` (0: back to back)."""
+    times = []
+    for _ in range(samples):
+        if idle_s:
+            time.sleep(idle_s)
+        started = time.perf_counter_ns()
+        work()
+        times.append(time.perf_counter_ns() - started)
+    return statistics.median(times)
 
 
 def describe_wakeup(machine: Mapping[str, Any]) -> str:

@@ -184,6 +184,8 @@ def test_backend_efficiency_quick_measures_every_part_or_says_why_not(demo_model
         assert set(report["ratios"]["b_over_d_requests_per_s"]) == {"rest_1x64"}
         assert {"rate", "p99_us", "bound_us", "met"} <= set(report["latency_target"])  # met or not: a report
         assert "(f) latency target: p99" in printed
+        assert report["latency_target"]["batch_after_idle"]["after_idle_us"] > 0
+        assert "(f) on this machine an in-process batch of 8 rows takes p50" in printed
         assert len(report["rounds"]) == 3 and set(report["share_targets"]) == {"rest_1x64"}
         assert all(entry["errors"] == {"rest_1x64": 0, "rest_1_half_rate": 0} for entry in report["rounds"])
         assert len(report["latency_target"]["rounds_p99_us"]) == 3
