@@ -118,13 +118,13 @@ class Siblings:
         staging.write_text(str(self._server.port))
         staging.replace(self._role.port_file)
 
-    async def close(self, grace_s: float = 0.0) -> None:
+    async def close(self) -> None:
         """Stop serving the other workers (who stop calling this one once the port file is gone); idempotent."""
         if self._closed:
             return
         self._closed = True
         self._role.port_file.unlink(missing_ok=True)
-        await self._server.shutdown(grace_s)
+        await self._server.shutdown(0)
         if self._session is not None:
             await self._session.close()
 

@@ -56,7 +56,8 @@ class WorkerGroup:
         self._failure: str | None = None  # why the first start failed
 
     async def run(self, stop: asyncio.Event) -> int:
-        """Serve until `stop` is set (0), or until the first start fails or every worker gave up (1)."""
+        """Serve until `stop` is set (0), or until the first start fails or every worker kept crashing (1); while
+        some worker still runs, the backend serves on it."""
         keepers = [asyncio.create_task(self._keep_running(role), name=f"backend worker {role.index}")
                    for role in self._roles]
         try:
@@ -65,10 +66,13 @@ class WorkerGroup:
                 log.info("%d backend workers serving (pids %s)", len(self._roles),
                          " ".join(str(process.pid) for process in self._processes.values()))
                 stopped = asyncio.create_task(stop.wait())
-                await asyncio.wait([stopped, *keepers], return_when=asyncio.FIRST_COMPLETED)
+                running = set(keepers)  # a keeper ends only when its worker kept crashing
+                while running and not stopped.done():
+                    done, _ = await asyncio.wait([stopped, *running], return_when=asyncio.FIRST_COMPLETED)
+                    running -= done
                 stopped.cancel()
                 if not stop.is_set():
-                    self._failure = "every backend worker exited"  # each keeper gave up on a crash loop
+                    self._failure = "every backend worker kept crashing"
         finally:
             self._stopping = True
             await asyncio.gather(*(self._stop(index, process) for index, process in self._processes.items()))
