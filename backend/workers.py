@@ -53,7 +53,7 @@ class WorkerGroup:
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._serving = False  # every worker has served once: from now on an exit is restarted
         self._stopping = False
-        self._failure: str | None = None  # why the first start failed
+        self._failure: str | None = None  # why the group failed: its first start, or every worker kept crashing
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until `stop` is set (0), or until the first start fails or every worker kept crashing (1); while
