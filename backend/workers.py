@@ -33,7 +33,7 @@ from pathlib import Path
 
 from backend.flags import ServerFlags
 from backend.siblings import WorkerRole
-from gateway.fleet import die_with_parent, exit_text
+from gateway.fleet import die_with_parent, exit_text, stop_process
 from gateway.fleet_ports import reserve_shared_port
 from gateway.restart_policy import RestartPolicy
 
@@ -117,15 +117,8 @@ class WorkerGroup:
             await asyncio.sleep(delay)
 
     async def _stop(self, index: int, process: asyncio.subprocess.Process) -> None:
-        if process.returncode is not None:
-            return
-        process.terminate()
-        try:
-            await asyncio.wait_for(asyncio.shield(process.wait()), self._flags.grace_period_s + _KILL_AFTER_GRACE_S)
-        except TimeoutError:
-            log.warning("backend worker %d did not stop in time; killing it", index)
-            process.kill()
-            await process.wait()
+        if await stop_process(process, self._flags.grace_period_s + _KILL_AFTER_GRACE_S):
+            log.warning("backend worker %d did not stop in time; killed it", index)
 
 
 async def run_workers(argv: list[str], flags: ServerFlags) -> int:

@@ -354,14 +354,8 @@ class Fleet:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(applied), _LEAVE_TIMEOUT_S)
         child = process.process
-        if child.returncode is None:
-            child.terminate()
-            try:
-                await asyncio.wait_for(asyncio.shield(child.wait()), grace_s)
-            except TimeoutError:
-                log.warning("fleet: pid %d did not stop within %.0f s; killing it", child.pid, grace_s)
-                child.kill()
-                await child.wait()
+        if await stop_process(child, grace_s):
+            log.warning("fleet: pid %d did not stop within %.0f s; killed it", child.pid, grace_s)
         process.ports.release()
         await asyncio.gather(process.pump, return_exceptions=True)
 
@@ -419,6 +413,21 @@ async def _pump(stream: asyncio.StreamReader, handler: logging.Handler) -> None:
 
 def _write(handler: logging.Handler, line: str) -> None:
     handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+
+
+async def stop_process(child: asyncio.subprocess.Process, within_s: float) -> bool:
+    """SIGTERM (the process drains), then SIGKILL if it has not exited within `within_s`; True if it was killed.
+    A process that has exited already is left as it is."""
+    if child.returncode is not None:
+        return False
+    child.terminate()
+    try:
+        await asyncio.wait_for(asyncio.shield(child.wait()), within_s)
+    except TimeoutError:
+        child.kill()
+        await child.wait()
+        return True
+    return False
 
 
 def exit_text(code: int | None) -> str:

@@ -42,7 +42,7 @@ from gateway.admin import Admin
 from gateway.auth import Authenticator
 from gateway.config import AdminKey, GatewayConfig, HostPort, worker_document
 from gateway.config_watch import watch_config
-from gateway.fleet import FleetSection, die_with_parent, exit_text
+from gateway.fleet import FleetSection, die_with_parent, exit_text, stop_process
 from gateway.fleet_ports import reserve_shared_port
 from gateway.keys import digest
 from gateway.merge import merge_backends, merge_expositions
@@ -335,16 +335,8 @@ class Primary:
         return True
 
     async def _stop_worker(self, worker: _Worker, grace_s: float) -> None:
-        process = worker.process
-        if process is None or process.returncode is not None:
-            return
-        process.terminate()
-        try:
-            await asyncio.wait_for(asyncio.shield(process.wait()), grace_s + 10)
-        except TimeoutError:
-            log.warning("gateway worker %d did not stop in time; killing it", worker.index)
-            process.kill()
-            await process.wait()
+        if worker.process is not None and await stop_process(worker.process, grace_s + 10):
+            log.warning("gateway worker %d did not stop in time; killed it", worker.index)
 
     async def _call(self, worker: _Worker, method: str, path: str) -> bytes | None:
         """One call to a worker's admin API with the primary's key: the body of a 200, else None (logged)."""
